@@ -1,0 +1,1 @@
+//! Chunk cache: on disk, content-addressed by chunk digest; hot chunks in memory.

@@ -1,0 +1,1 @@
+//! Configuration (TOML, like containerd's): what the daemon and the CLI share.

@@ -1,0 +1,1 @@
+//! The read-only FUSE filesystem of one lazily fetched layer.
