@@ -12,6 +12,12 @@ use std::sync::Arc;
 
 use crate::digest::Digest;
 
+mod chunk;
+mod error;
+
+pub use chunk::decompress_chunk;
+pub use error::FormatError;
+
 /// The layer media-type annotation carrying the digest of the (compressed) TOC.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// The layer annotation with the uncompressed size of the layer (eStargz).
