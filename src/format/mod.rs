@@ -14,9 +14,11 @@ use crate::digest::Digest;
 
 mod chunk;
 mod error;
+mod footer;
 
 pub use chunk::decompress_chunk;
 pub use error::FormatError;
+pub use footer::{Footer, MAX_FOOTER_SIZE, parse_footer};
 
 /// The layer media-type annotation carrying the digest of the (compressed) TOC.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
