@@ -161,32 +161,20 @@ pub fn decompress_toc(
     let json = match footer.format {
         LayerFormat::Estargz => {
             // One gzip member holding a tar with the single entry stargz.index.json.
-            let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(toc_bytes));
-            let mut entries = archive
-                .entries()
-                .map_err(|e| unreadable(format!("not a tar stream: {e}")))?;
-            let mut entry = entries
-                .next()
-                .ok_or_else(|| unreadable("empty tar stream".into()))?
-                .map_err(|e| unreadable(format!("bad tar header: {e}")))?;
-            if entry.path_bytes().as_ref() != TOC_TAR_NAME.as_bytes() {
-                return Err(unreadable(format!(
-                    "first tar entry is {:?}, not {TOC_TAR_NAME}",
-                    String::from_utf8_lossy(&entry.path_bytes())
-                        .chars()
-                        .take(256)
-                        .collect::<String>()
-                )));
-            }
-            let size = entry.size();
+            let mut decoder = flate2::read::GzDecoder::new(toc_bytes);
+            let mut header = [0u8; TAR_BLOCK];
+            decoder
+                .read_exact(&mut header)
+                .map_err(|e| unreadable(format!("reading the tar header: {e}")))?;
+            let size = toc_tar_entry_size(&header).map_err(unreadable)?;
             if size > limit {
                 return Err(too_large);
             }
-            let json = read_bounded(&mut entry, size)
+            let json = read_bounded(&mut decoder.take(size), size)
                 .map_err(|e| unreadable(format!("decompressing: {e}")))?;
             if json.len() as u64 != size {
                 return Err(unreadable(format!(
-                    "the tar entry says {size} bytes but holds {}",
+                    "the tar header says {size} bytes of TOC JSON but the stream holds {}",
                     json.len()
                 )));
             }
@@ -219,6 +207,64 @@ pub fn decompress_toc(
         return Err(too_large);
     }
     Ok(json)
+}
+
+const TAR_BLOCK: usize = 512;
+
+/// Checks the tar header that precedes an eStargz TOC and returns its data size.
+///
+/// stargz writers emit a plain ustar header for a regular file named
+/// `stargz.index.json`; anything else (PAX or GNU extension records in particular,
+/// whose size would be attacker-chosen) is refused rather than interpreted.
+fn toc_tar_entry_size(header: &[u8; TAR_BLOCK]) -> Result<u64, String> {
+    let stored_checksum = parse_octal(&header[148..156]).ok_or("unreadable tar header checksum")?;
+    let checksum: u64 = header
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                u64::from(b' ')
+            } else {
+                u64::from(b)
+            }
+        })
+        .sum();
+    if checksum != stored_checksum {
+        return Err("tar header checksum mismatch".into());
+    }
+    let name_len = header[..100].iter().position(|&b| b == 0).unwrap_or(100);
+    let prefix_len = header[345..500].iter().position(|&b| b == 0).unwrap_or(155);
+    if &header[..name_len] != TOC_TAR_NAME.as_bytes() || prefix_len != 0 {
+        return Err(format!(
+            "the tar entry is {:?}, not {TOC_TAR_NAME}",
+            String::from_utf8_lossy(&header[..name_len])
+        ));
+    }
+    if !matches!(header[156], b'0' | 0) {
+        return Err(format!(
+            "the {TOC_TAR_NAME} tar entry has type {:?}, not a regular file",
+            char::from(header[156])
+        ));
+    }
+    parse_octal(&header[124..136]).ok_or_else(|| "unreadable tar size field".into())
+}
+
+/// A tar numeric field: octal digits, optionally space-padded, NUL/space terminated.
+fn parse_octal(field: &[u8]) -> Option<u64> {
+    let text = field
+        .iter()
+        .skip_while(|&&b| b == b' ')
+        .take_while(|&&b| b != 0 && b != b' ');
+    let mut value = 0u64;
+    let mut digits = 0;
+    for &b in text {
+        if !(b'0'..=b'7').contains(&b) {
+            return None;
+        }
+        value = value.checked_mul(8)?.checked_add(u64::from(b - b'0'))?;
+        digits += 1;
+    }
+    (digits > 0).then_some(value)
 }
 
 /// Validates uncompressed TOC JSON into a [`LayerIndex`] for a blob of `blob_size`
@@ -261,15 +307,26 @@ pub fn parse_toc_json(
             version: raw.version,
         });
     }
+    let bad_entry = |position: usize, reason: String| FormatError::BadEntry {
+        index: position,
+        name: truncate(&raw.entries[position].name.0),
+        reason,
+    };
     let mut builder = IndexBuilder::new(raw.entries.len(), toc_offset, limits);
     for (position, entry) in raw.entries.iter().enumerate() {
-        builder.add(entry).map_err(|reason| FormatError::BadEntry {
-            index: position,
-            name: entry.name.0.chars().take(256).collect(),
-            reason,
-        })?;
+        if entry.kind.0 != "chunk" {
+            builder
+                .close_file()
+                .map_err(|(file, reason)| bad_entry(file, reason))?;
+        }
+        builder
+            .add(entry)
+            .map_err(|reason| bad_entry(position, reason))?;
     }
-    builder.finish(format, blob_size, raw.entries.len())
+    builder
+        .close_file()
+        .map_err(|(file, reason)| bad_entry(file, reason))?;
+    Ok(builder.finish(format, blob_size))
 }
 
 /// Text that borrows from the JSON when it has no escapes.
@@ -612,7 +669,7 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
     }
 
     fn push(&mut self, entry: Entry, from_toc: bool) -> Result<EntryId, String> {
-        if self.entries.len() >= self.limits.max_entries {
+        if self.entries.len() >= self.limits.max_entries.min(u32::MAX as usize) {
             return Err(format!(
                 "the index would exceed the limit of {} entries",
                 self.limits.max_entries
@@ -630,7 +687,6 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
         if kind == "chunk" {
             return self.add_chunk(raw);
         }
-        self.close_file()?;
         // Borrow the name for the index's lifetime: the raw entries outlive the builder.
         let raw_name: &'r str = raw.name.0.as_ref();
         let name = self.normalize(raw_name, "name")?;
@@ -916,29 +972,24 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
         Ok(())
     }
 
-    fn close_file(&mut self) -> Result<(), String> {
+    /// Ends the regular file whose chunks were being read; on a gap, returns the
+    /// file's position in the TOC and why.
+    fn close_file(&mut self) -> Result<(), (usize, String)> {
         if let Some(open) = self.open_file.take()
             && open.next_chunk != open.name_end
         {
-            return Err(format!(
-                "the regular file at TOC position {} has chunks for only {} of its {} bytes",
-                open.toc_position, open.next_chunk.0, open.name_end.0
+            return Err((
+                open.toc_position,
+                format!(
+                    "chunks cover only {} of the file's {} bytes",
+                    open.next_chunk.0, open.name_end.0
+                ),
             ));
         }
         Ok(())
     }
 
-    fn finish(
-        mut self,
-        format: LayerFormat,
-        blob_size: u64,
-        toc_entries: usize,
-    ) -> Result<LayerIndex, FormatError> {
-        self.close_file().map_err(|reason| FormatError::BadEntry {
-            index: toc_entries.saturating_sub(1),
-            name: String::new(),
-            reason,
-        })?;
+    fn finish(mut self, format: LayerFormat, blob_size: u64) -> LayerIndex {
         let toc_offset = self.toc_offset.0;
         for entry in &mut self.entries {
             if let EntryKind::Regular { chunks, .. } = &mut entry.kind {
@@ -959,14 +1010,14 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
                 .collect(),
             None => Vec::new(),
         };
-        Ok(LayerIndex {
+        LayerIndex {
             format,
             blob_size,
             toc_offset: self.toc_offset,
             entries: self.entries,
             prefetch,
             no_prefetch: self.no_prefetch,
-        })
+        }
     }
 }
 
