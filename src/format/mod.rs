@@ -17,6 +17,8 @@ mod error;
 mod footer;
 #[cfg(test)]
 mod golden_tests;
+#[cfg(test)]
+mod hostile_tests;
 mod rfc3339;
 mod toc;
 
