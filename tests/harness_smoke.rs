@@ -173,3 +173,63 @@ fn proxy_hang_holds_requests_until_released() {
     assert_eq!(held.join().unwrap().unwrap(), b"held");
     assert_eq!(curl(&[&url]).unwrap(), b"held");
 }
+
+#[test]
+fn containerd_runs_privately_and_is_cleaned_up() {
+    if !common::have_root_and_fuse() {
+        panic!("integration tests need root and /dev/fuse");
+    }
+    let snapshotter_dir = common::short_tempdir("sluice-snap-");
+    let snapshotter_socket = snapshotter_dir.path().join("snap.sock");
+    // containerd dials proxy plugins lazily; a listening socket is enough to register it.
+    let _listener = std::os::unix::net::UnixListener::bind(&snapshotter_socket).unwrap();
+    let containerd =
+        common::containerd::TestContainerd::start(common::containerd::ContainerdOptions {
+            proxy_snapshotter: Some(("smoke-snap".into(), snapshotter_socket.clone())),
+            ..Default::default()
+        });
+    assert!(containerd.socket().starts_with("/tmp"));
+    let version = containerd.ctr(&["version"]).unwrap();
+    assert!(version.contains("Server:"), "{version}");
+    let plugins = containerd.ctr(&["plugins", "ls"]).unwrap();
+    let proxy_line = plugins
+        .lines()
+        .find(|l| l.contains("smoke-snap"))
+        .unwrap_or_else(|| panic!("proxy snapshotter not registered:\n{plugins}"));
+    assert!(
+        proxy_line.contains("io.containerd.snapshotter.v1"),
+        "{proxy_line}"
+    );
+    assert!(
+        !plugins
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("cri")),
+        "CRI must be disabled unless asked:\n{plugins}"
+    );
+    let err = containerd
+        .ctr(&["images", "pull", "--plain-http", "127.0.0.1:1/none:latest"])
+        .unwrap_err();
+    assert!(err.contains("stderr"), "{err}");
+
+    let pid = containerd.pid().unwrap();
+    drop(containerd);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "containerd {pid} must be gone after drop"
+    );
+}
+
+#[test]
+fn containerd_with_cri_loads_the_cri_plugin() {
+    let containerd =
+        common::containerd::TestContainerd::start(common::containerd::ContainerdOptions {
+            enable_cri: true,
+            ..Default::default()
+        });
+    let plugins = containerd.ctr(&["plugins", "ls"]).unwrap();
+    let cri = plugins
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("cri"))
+        .unwrap_or_else(|| panic!("CRI plugin missing:\n{plugins}"));
+    assert_eq!(cri.split_whitespace().last(), Some("ok"), "{cri}");
+}

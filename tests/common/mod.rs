@@ -3,6 +3,7 @@
 //! `mod common;` and uses only part of it.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod proxy;
 pub mod registry;
 
