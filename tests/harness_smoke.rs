@@ -233,3 +233,52 @@ fn containerd_with_cri_loads_the_cri_plugin() {
         .unwrap_or_else(|| panic!("CRI plugin missing:\n{plugins}"));
     assert_eq!(cri.split_whitespace().last(), Some("ok"), "{cri}");
 }
+
+#[test]
+fn images_convert_push_and_carry_toc_annotations() {
+    use common::images::{ImageFormat, publish_all};
+    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let containerd =
+        common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());
+    let published = publish_all(&containerd, &registry, "everything");
+
+    for format in ImageFormat::ALL {
+        let image = published.get(format);
+        assert_eq!(image.layers.len(), 3, "{format:?}: {:#?}", image.manifest);
+        assert_eq!(image.diff_ids.len(), 3);
+        for (index, layer) in image.layers.iter().enumerate() {
+            let local = std::fs::metadata(image.local_layer(index)).unwrap();
+            assert_eq!(local.len(), layer.size, "{format:?} layer {index}");
+            match format {
+                ImageFormat::Gzip => assert!(layer.toc_digest().is_none()),
+                _ => assert!(
+                    layer.toc_digest().is_some_and(|d| d.starts_with("sha256:")),
+                    "{format:?} layer {index} lacks the TOC digest annotation: {layer:#?}"
+                ),
+            }
+        }
+    }
+    assert_ne!(
+        published.estargz.layers[0].digest,
+        published.gzip.layers[0].digest
+    );
+    assert_ne!(
+        published.zstdchunked.layers[0].digest,
+        published.estargz.layers[0].digest
+    );
+    // The three variants have the same uncompressed content.
+    assert_eq!(
+        published.estargz.diff_ids.len(),
+        published.gzip.diff_ids.len()
+    );
+
+    // Fetching a range of a pushed layer shows up in the registry's access log.
+    let layer = &published.estargz.layers[0];
+    let url = published.estargz.blob_url(&registry.url(), &layer.digest);
+    let mark = registry.mark();
+    let bytes = curl(&["-H", "Range: bytes=100-4195", &url]).unwrap();
+    assert_eq!(bytes.len(), 4096);
+    let local = std::fs::read(published.estargz.local_layer(0)).unwrap();
+    assert_eq!(bytes, &local[100..4196]);
+    assert_eq!(registry.blob_bytes_since(mark, &layer.digest), 4096);
+}
