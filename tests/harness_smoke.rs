@@ -282,3 +282,109 @@ fn images_convert_push_and_carry_toc_annotations() {
     assert_eq!(bytes, &local[100..4196]);
     assert_eq!(registry.blob_bytes_since(mark, &layer.digest), 4096);
 }
+
+#[test]
+fn tree_comparison_accepts_identical_trees_and_finds_planted_differences() {
+    use common::tree::{compare_trees, expected_layer_tree, set_xattr};
+    use std::os::unix::fs::PermissionsExt;
+    let image = common::images::build_image("everything");
+    let work = common::short_tempdir("sluice-tree-");
+    let blob = image.blob_path(&image.layers[0].digest);
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    expected_layer_tree(&blob, &a);
+    expected_layer_tree(&blob, &b);
+    let diff = compare_trees(&a, &b);
+    assert!(diff.is_empty(), "{diff}");
+
+    // The extraction kept what the image declares.
+    let meta = std::fs::symlink_metadata(a.join("devices/null")).unwrap();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    assert!(meta.file_type().is_char_device());
+    assert_eq!(meta.rdev(), nix::sys::stat::makedev(1, 3));
+    assert_eq!(
+        std::fs::metadata(a.join("data/hard-orig")).unwrap().nlink(),
+        3
+    );
+    assert_eq!(
+        std::fs::metadata(a.join("bin/suid")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+    let xattrs = common::tree::read_xattrs(&a.join("data/xattrs"));
+    assert_eq!(
+        xattrs.get("user.comment").map(Vec::as_slice),
+        Some(&b"hello sluice"[..])
+    );
+    assert_eq!(
+        xattrs.get("trusted.sluice").map(Vec::as_slice),
+        Some(&b"trusted value"[..])
+    );
+    assert_eq!(
+        std::fs::metadata(a.join("data/big.bin")).unwrap().len(),
+        52 * 1024 * 1024 + 12_345
+    );
+
+    // Plant one difference of each kind in b.
+    std::fs::write(b.join("data/small/f000.txt"), b"changed").unwrap();
+    std::fs::set_permissions(b.join("bin/suid"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    set_xattr(&b.join("data/empty"), "user.planted", b"1");
+    std::fs::remove_file(b.join("data/link-rel")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", b.join("data/link-abs.new")).unwrap();
+    std::os::unix::fs::lchown(b.join("data/owned-nobody"), Some(1), None).unwrap();
+    std::fs::remove_file(b.join("data/hard-link1")).unwrap();
+    std::fs::copy(b.join("data/hard-orig"), b.join("data/hard-link1")).unwrap();
+    let diff = compare_trees(&a, &b);
+    let text = diff.to_string();
+    for needle in [
+        "data/small/f000.txt: expected regular file",
+        "bin/suid: mode expected 104755, found 100755",
+        "data/empty: xattrs expected {}, found {user.planted=\"1\"}",
+        "data/link-rel: missing",
+        "data/link-abs.new: unexpected symlink",
+        "data/owned-nobody: owner expected 65534:65534, found 1:65534",
+        "data/hard-orig: nlink expected 3, found 2",
+        "hard links expected to share one inode",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in {text}");
+    }
+}
+
+#[test]
+fn whiteouts_become_overlay_whiteouts_and_converted_layers_match_the_original() {
+    use common::images::{ImageFormat, publish_all};
+    use common::tree::{compare_trees, expected_layer_tree, read_xattrs};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let containerd =
+        common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());
+    let published = publish_all(&containerd, &registry, "everything");
+    let work = common::short_tempdir("sluice-wh-");
+    for index in 0..3 {
+        let original = work.path().join(format!("gzip-{index}"));
+        expected_layer_tree(&published.gzip.local_layer(index), &original);
+        for format in [ImageFormat::Estargz, ImageFormat::ZstdChunked] {
+            let converted = work.path().join(format!("{}-{index}", format.tag()));
+            expected_layer_tree(&published.get(format).local_layer(index), &converted);
+            assert!(!converted.join("stargz.index.json").exists());
+            let diff = compare_trees(&original, &converted);
+            assert!(diff.is_empty(), "{format:?} layer {index}: {diff}");
+        }
+    }
+    let upper = work.path().join("gzip-1");
+    let whiteout = std::fs::symlink_metadata(upper.join("data/to-delete")).unwrap();
+    assert!(whiteout.file_type().is_char_device());
+    assert_eq!(whiteout.rdev(), 0);
+    assert!(!upper.join("data/.wh.to-delete").exists());
+    assert!(
+        std::fs::symlink_metadata(upper.join("data/nested/gone-dir"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert!(!upper.join("data/opaque-dir/.wh..wh..opq").exists());
+    assert_eq!(
+        read_xattrs(&upper.join("data/opaque-dir"))
+            .get("trusted.overlay.opaque")
+            .map(Vec::as_slice),
+        Some(&b"y"[..])
+    );
+}

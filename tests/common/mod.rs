@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod images;
 pub mod proxy;
 pub mod registry;
+pub mod tree;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
