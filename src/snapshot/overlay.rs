@@ -1025,4 +1025,238 @@ mod tests {
         assert_eq!(left, ["1"]);
         assert!(s.stat("a".into()).await.is_ok());
     }
+
+    /// Mounts every layer by pointing at a directory of its own; counts the calls.
+    #[derive(Default)]
+    struct FakeRemote {
+        layers_dir: PathBuf,
+        decline: bool,
+        fail_restore: bool,
+        prepared: std::sync::atomic::AtomicUsize,
+        restored: std::sync::atomic::AtomicUsize,
+        unmounted: std::sync::atomic::AtomicUsize,
+    }
+
+    impl RemoteLayers for FakeRemote {
+        fn prepare_remote<'a>(
+            &'a self,
+            request: &'a RemoteLayerRequest,
+        ) -> futures::future::BoxFuture<
+            'a,
+            Result<Option<super::super::RemoteMount>, super::super::RemoteLayerError>,
+        > {
+            Box::pin(async move {
+                self.prepared
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                assert!(request.mountpoint.is_dir());
+                if self.decline {
+                    return Ok(None);
+                }
+                let dir = self.layers_dir.join(request.layer_digest.replace(':', "-"));
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("from-registry"), request.image_ref.as_bytes()).unwrap();
+                Ok(Some(super::super::RemoteMount { dir }))
+            })
+        }
+
+        fn restore<'a>(
+            &'a self,
+            snapshot: &'a RemoteSnapshot,
+        ) -> futures::future::BoxFuture<
+            'a,
+            Result<super::super::RemoteMount, super::super::RemoteLayerError>,
+        > {
+            Box::pin(async move {
+                self.restored
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if self.fail_restore {
+                    return Err(super::super::RemoteLayerError {
+                        layer: snapshot.name.clone(),
+                        source: "registry gone".into(),
+                    });
+                }
+                Ok(super::super::RemoteMount {
+                    dir: snapshot.dir.clone(),
+                })
+            })
+        }
+
+        fn unmount<'a>(
+            &'a self,
+            _snapshot: &'a RemoteSnapshot,
+        ) -> futures::future::BoxFuture<'a, Result<(), super::super::RemoteLayerError>> {
+            Box::pin(async move {
+                self.unmounted
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })
+        }
+    }
+
+    fn remote_labels(target: &str, digest: &str) -> Labels {
+        labels(&[
+            (LABEL_TARGET_REF, target),
+            (crate::snapshot::LABEL_CRI_LAYER_DIGEST, digest),
+            (crate::snapshot::LABEL_CRI_IMAGE_REF, "registry.test/app:1"),
+        ])
+    }
+
+    fn count(counter: &std::sync::atomic::AtomicUsize) -> usize {
+        counter.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn remote_layer_is_committed_under_target_and_answers_already_exists() {
+        let root = tempfile::tempdir().unwrap();
+        let remote = Arc::new(FakeRemote {
+            layers_dir: root.path().join("remote"),
+            ..FakeRemote::default()
+        });
+        let s = OverlaySnapshotter::open(&root.path().join("state"), remote.clone())
+            .await
+            .unwrap();
+
+        let error = s
+            .prepare(
+                "extract-1".into(),
+                String::new(),
+                remote_labels("chain-1", "sha256:l1"),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::AlreadyExists);
+        assert_eq!(count(&remote.prepared), 1);
+        let committed = s.stat("chain-1".into()).await.unwrap();
+        assert_eq!(committed.kind, Kind::Committed);
+        assert_eq!(
+            committed.labels.get(LABEL_REMOTE).map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            s.stat("extract-1".into()).await.unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(s.usage("chain-1".into()).await.unwrap(), Usage::default());
+
+        // Found the way containerd's metadata layer looks for it.
+        let found = s
+            .list(vec![
+                r#"labels."containerd.io/snapshot.ref"==chain-1,parent=="""#.into(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+
+        // Asking again does not call the hook: the target exists.
+        let again = s
+            .prepare(
+                "extract-2".into(),
+                String::new(),
+                remote_labels("chain-1", "sha256:l1"),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(again.code(), tonic::Code::AlreadyExists);
+        assert_eq!(count(&remote.prepared), 1);
+
+        // The remote directory is the lower layer of what is built on top.
+        let view = s
+            .view("v".into(), "chain-1".into(), Labels::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            view[0].source,
+            root.path().join("remote/sha256-l1").to_string_lossy()
+        );
+        let work = s
+            .prepare("c".into(), "chain-1".into(), Labels::new())
+            .await
+            .unwrap();
+        let expected = format!(
+            "lowerdir={}",
+            root.path().join("remote/sha256-l1").display()
+        );
+        assert!(work[0].options.contains(&expected), "{:?}", work[0].options);
+        drop(s);
+
+        // Restart: the hook restores the layer.
+        let s = OverlaySnapshotter::open(&root.path().join("state"), remote.clone())
+            .await
+            .unwrap();
+        assert_eq!(count(&remote.restored), 1);
+        assert!(s.mounts("c".into()).await.is_ok());
+        s.shutdown().await;
+        assert_eq!(count(&remote.unmounted), 1);
+        s.remove("c".into()).await.unwrap();
+        s.remove("v".into()).await.unwrap();
+        s.remove("chain-1".into()).await.unwrap();
+        assert_eq!(count(&remote.unmounted), 2);
+        assert_eq!(std::fs::read_dir(s.snapshots_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn declined_remote_layer_is_an_ordinary_snapshot() {
+        let root = tempfile::tempdir().unwrap();
+        let remote = Arc::new(FakeRemote {
+            decline: true,
+            ..FakeRemote::default()
+        });
+        let s = OverlaySnapshotter::open(root.path(), remote.clone())
+            .await
+            .unwrap();
+        let mounts = s
+            .prepare(
+                "extract-1".into(),
+                String::new(),
+                remote_labels("chain-1", "sha256:l1"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(count(&remote.prepared), 1);
+        assert_eq!(mounts[0].r#type, "bind");
+        assert_eq!(s.stat("extract-1".into()).await.unwrap().kind, Kind::Active);
+        // Without layer identity the hook is not asked at all.
+        s.prepare(
+            "plain".into(),
+            String::new(),
+            labels(&[(LABEL_TARGET_REF, "chain-2")]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(count(&remote.prepared), 1);
+    }
+
+    #[tokio::test]
+    async fn unrestorable_remote_layer_makes_mounts_unavailable() {
+        let root = tempfile::tempdir().unwrap();
+        let state = root.path().join("state");
+        let remote = Arc::new(FakeRemote {
+            layers_dir: root.path().join("remote"),
+            ..FakeRemote::default()
+        });
+        {
+            let s = OverlaySnapshotter::open(&state, remote).await.unwrap();
+            let _ = s
+                .prepare(
+                    "extract-1".into(),
+                    String::new(),
+                    remote_labels("chain-1", "sha256:l1"),
+                )
+                .await;
+            s.prepare("c".into(), "chain-1".into(), Labels::new())
+                .await
+                .unwrap();
+        }
+        let failing = Arc::new(FakeRemote {
+            fail_restore: true,
+            ..FakeRemote::default()
+        });
+        let s = OverlaySnapshotter::open(&state, failing).await.unwrap();
+        assert_eq!(
+            s.mounts("c".into()).await.unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+        s.remove("c".into()).await.unwrap();
+        s.remove("chain-1".into()).await.unwrap();
+    }
 }
