@@ -735,6 +735,55 @@ fn kill_during_pull_leaves_consistent_store() {
     let big = rig.publish("everything");
     let busybox = rig.publish("busybox");
 
+    // Killed first as soon as the first Prepare touches the disk (around the metadata
+    // transaction), then while containerd is writing a layer into a prepared snapshot.
+    let snapshots_dir = rig.snapshotter.root().join("snapshots");
+    interrupt_pull(&mut rig, &big.reference, "first prepare", || {
+        std::fs::read_dir(&snapshots_dir).is_ok_and(|mut entries| entries.next().is_some())
+    });
+    assert_store_consistent(&rig);
+    interrupt_pull(&mut rig, &big.reference, "unpacking", || {
+        std::fs::read_dir(&snapshots_dir).is_ok_and(|entries| {
+            entries.flatten().any(|entry| {
+                std::fs::read_dir(entry.path().join("fs"))
+                    .is_ok_and(|mut files| files.next().is_some())
+            })
+        })
+    });
+    assert_store_consistent(&rig);
+
+    // The pull can be repeated, and its result is complete.
+    rig.pull(SNAPSHOTTER, &big.reference)
+        .unwrap_or_else(|e| panic!("{e}\nsnapshotter log:\n{}", rig.snapshotter.log()));
+    let top = top_layer(&rig, SNAPSHOTTER);
+    rig.snapshots(SNAPSHOTTER, &["prepare", "inspect", &top]);
+    let target = rig.containerd.scratch_dir("inspect");
+    let target_arg = target.to_string_lossy().into_owned();
+    mount_from_ctr(&rig.snapshots(SNAPSHOTTER, &["mounts", &target_arg, "inspect"]));
+    let big_file = std::fs::metadata(target.join("data/big.bin")).map(|m| m.len());
+    let config = std::fs::read_to_string(target.join("etc/config"));
+    umount(&target);
+    assert_eq!(big_file.unwrap(), 52 * 1024 * 1024 + 12_345);
+    assert_eq!(config.unwrap(), "version=2\n");
+
+    // And a container runs on the restarted snapshotter.
+    rig.pull(SNAPSHOTTER, &busybox.reference).unwrap();
+    let output = rig
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            SNAPSHOTTER,
+            &busybox.reference,
+            "after-crash",
+        ])
+        .unwrap();
+    assert_eq!(output.trim(), "hello from sluice");
+}
+
+/// Starts pulling `reference`, kills the snapshotter with SIGKILL once `moment` holds,
+/// waits for the pull to fail, and starts the snapshotter again.
+fn interrupt_pull(rig: &mut Rig, reference: &str, what: &str, moment: impl FnMut() -> bool) {
     let mut pull = rig
         .containerd
         .ctr_command(&[
@@ -745,26 +794,31 @@ fn kill_during_pull_leaves_consistent_store() {
             "--plain-http",
             "--snapshotter",
             SNAPSHOTTER,
-            &big.reference,
+            reference,
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn ctr pull");
-    let snapshots_dir = rig.snapshotter.root().join("snapshots");
-    let started = wait_until_fast(Duration::from_secs(120), || {
-        std::fs::read_dir(&snapshots_dir).is_ok_and(|mut entries| entries.next().is_some())
-    });
+    let reached = wait_until_fast(Duration::from_secs(120), moment);
     rig.snapshotter.kill9();
     let pull_status = pull.wait().expect("wait for ctr pull");
-    assert!(started, "the pull never prepared a snapshot");
-    eprintln!("interrupted pull exited with {pull_status}");
-
+    assert!(
+        reached,
+        "the pull never reached the moment to kill ({what})"
+    );
+    // The pull cannot finish without the snapshotter, which stays down until it exits.
+    assert!(
+        !pull_status.success(),
+        "pull survived killing the snapshotter ({what})"
+    );
     rig.snapshotter.spawn();
     rig.wait_reconnected();
+}
 
-    // Consistent: every snapshot's parent exists, every directory belongs to a snapshot
-    // and every active snapshot still mounts.
+/// Every snapshot's parent exists, every directory belongs to a snapshot (no temporary
+/// or orphaned ones), and every active snapshot still mounts onto existing directories.
+fn assert_store_consistent(rig: &Rig) {
     let mut client = rig.client();
     let infos = client.list(&[]).unwrap();
     let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
@@ -800,34 +854,6 @@ fn kill_during_pull_leaves_consistent_store() {
         dirs.iter().all(|d| d.parse::<u64>().is_ok()),
         "leftover temporary directories: {dirs:?}"
     );
-
-    // The pull can be repeated, and its result is complete.
-    rig.pull(SNAPSHOTTER, &big.reference)
-        .unwrap_or_else(|e| panic!("{e}\nsnapshotter log:\n{}", rig.snapshotter.log()));
-    let top = top_layer(&rig, SNAPSHOTTER);
-    rig.snapshots(SNAPSHOTTER, &["prepare", "inspect", &top]);
-    let target = rig.containerd.scratch_dir("inspect");
-    let target_arg = target.to_string_lossy().into_owned();
-    mount_from_ctr(&rig.snapshots(SNAPSHOTTER, &["mounts", &target_arg, "inspect"]));
-    let big_file = std::fs::metadata(target.join("data/big.bin")).map(|m| m.len());
-    let config = std::fs::read_to_string(target.join("etc/config"));
-    umount(&target);
-    assert_eq!(big_file.unwrap(), 52 * 1024 * 1024 + 12_345);
-    assert_eq!(config.unwrap(), "version=2\n");
-
-    // And a container runs on the restarted snapshotter.
-    rig.pull(SNAPSHOTTER, &busybox.reference).unwrap();
-    let output = rig
-        .ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            SNAPSHOTTER,
-            &busybox.reference,
-            "after-crash",
-        ])
-        .unwrap();
-    assert_eq!(output.trim(), "hello from sluice");
 }
 
 /// Like `wait_until`, polling every millisecond: used to catch a short-lived state.
