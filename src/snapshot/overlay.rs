@@ -19,7 +19,7 @@ use super::filter::Filter;
 use super::remote::{
     LABEL_REMOTE, LABEL_TARGET_REF, RemoteLayerRequest, RemoteLayers, RemoteSnapshot,
 };
-use super::store::{Record, Store, Timestamp};
+use super::store::{Record, SnapshotId, Store, Timestamp};
 use super::{Info, Kind, Labels, MAX_LABEL_BYTES, SnapshotError, Snapshotter, Usage};
 use crate::api::containerd::types::Mount;
 
@@ -276,11 +276,11 @@ impl Inner {
         Ok(inner)
     }
 
-    fn dir(&self, id: u64) -> PathBuf {
+    fn dir(&self, id: SnapshotId) -> PathBuf {
         self.snapshots_dir.join(id.to_string())
     }
 
-    fn fs_dir(&self, id: u64) -> PathBuf {
+    fn fs_dir(&self, id: SnapshotId) -> PathBuf {
         self.dir(id).join("fs")
     }
 
@@ -336,7 +336,10 @@ impl Inner {
             }
             let path = entry.path();
             tracing::info!(path = %path.display(), "removing directory of no snapshot");
-            remove_tree(&path)?;
+            if let Err(error) = remove_tree(&path) {
+                // Harmless where it is (no snapshot refers to it); do not refuse to start.
+                tracing::warn!(%error, "cannot remove directory of no snapshot; will retry at cleanup");
+            }
         }
         Ok(())
     }
@@ -347,7 +350,7 @@ impl Inner {
         key: &str,
         parent: &str,
         labels: Labels,
-    ) -> Result<u64, SnapshotError> {
+    ) -> Result<SnapshotId, SnapshotError> {
         validate_key("snapshot key", key)?;
         validate_labels(&labels)?;
         let temp = self
@@ -368,7 +371,7 @@ impl Inner {
         parent: &str,
         labels: Labels,
         temp: &Path,
-    ) -> Result<u64, SnapshotError> {
+    ) -> Result<SnapshotId, SnapshotError> {
         std::fs::create_dir(temp).map_err(SnapshotError::io("creating", temp))?;
         let fs = temp.join("fs");
         std::fs::create_dir(&fs).map_err(SnapshotError::io("creating", &fs))?;
@@ -516,7 +519,7 @@ impl Inner {
         labels: Labels,
         usage: Option<Usage>,
         remote_dir: Option<PathBuf>,
-        measured_id: u64,
+        measured_id: SnapshotId,
     ) -> Result<(), SnapshotError> {
         let txn = self.store.begin()?;
         if txn.get(name)?.is_some() {
@@ -630,9 +633,11 @@ impl Inner {
             .ok_or_else(|| SnapshotError::NotFound {
                 key: key.to_owned(),
             })?;
-        match (record.kind, record.usage) {
-            (Kind::Committed, Some(usage)) => Ok(usage),
-            _ => disk_usage(&self.fs_dir(record.id)),
+        match record.kind {
+            Kind::Active => disk_usage(&self.fs_dir(record.id)),
+            // Views own no data; containerd's overlayfs snapshotter reports zero too.
+            Kind::View => Ok(Usage::default()),
+            Kind::Committed => Ok(record.usage.unwrap_or_default()),
         }
     }
 

@@ -16,6 +16,18 @@ const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots"
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const NEXT_ID: &str = "next_id";
 
+/// Names a snapshot's directory, root/snapshots/<id>. Allocated by the store and never
+/// reused, so a directory left by a crash can never be mistaken for a later snapshot's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub(super) struct SnapshotId(u64);
+
+impl std::fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// A point in time stored as seconds and nanoseconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Timestamp {
@@ -42,8 +54,7 @@ impl Timestamp {
 /// Everything stored about one snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Record {
-    /// Names the snapshot's directory, root/snapshots/<id>; never reused.
-    pub id: u64,
+    pub id: SnapshotId,
     pub kind: Kind,
     /// Empty when there is no parent.
     pub parent: String,
@@ -279,7 +290,7 @@ impl WriteTxn<'_> {
     }
 
     /// A fresh id, never handed out before in a committed transaction.
-    pub(super) fn next_id(&self) -> Result<u64, SnapshotError> {
+    pub(super) fn next_id(&self) -> Result<SnapshotId, SnapshotError> {
         let mut counters = self.open_counters()?;
         let id = counters
             .get(NEXT_ID)
@@ -290,7 +301,7 @@ impl WriteTxn<'_> {
             .insert(NEXT_ID, id + 1)
             .map_err(redb::Error::from)
             .map_err(store_error(&self.store.path, "write"))?;
-        Ok(id)
+        Ok(SnapshotId(id))
     }
 
     /// Makes every change durable (redb's default durability syncs before returning).
