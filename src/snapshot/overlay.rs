@@ -163,14 +163,18 @@ impl OverlaySnapshotter {
                 key: target.clone(),
             }));
         }
-        let _building = self.building.read().await;
-        let inner = Arc::clone(&self.inner);
-        let (owned_key, owned_parent, owned_labels) =
-            (key.to_owned(), parent.to_owned(), labels.clone());
-        let id = blocking("prepare", move || {
-            inner.create(Kind::Active, &owned_key, &owned_parent, owned_labels)
-        })
-        .await?;
+        let id = {
+            // Only while the directory is being built: once committed, cleanup leaves it
+            // alone, and the hook below may take long.
+            let _building = self.building.read().await;
+            let inner = Arc::clone(&self.inner);
+            let (owned_key, owned_parent, owned_labels) =
+                (key.to_owned(), parent.to_owned(), labels.clone());
+            blocking("prepare", move || {
+                inner.create(Kind::Active, &owned_key, &owned_parent, owned_labels)
+            })
+            .await?
+        };
         let Some(request) =
             RemoteLayerRequest::from_labels(key, parent, labels, self.inner.fs_dir(id))
         else {
