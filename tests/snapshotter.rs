@@ -867,3 +867,50 @@ fn wait_until_fast(timeout: Duration, mut condition: impl FnMut() -> bool) -> bo
     }
     false
 }
+
+#[test]
+fn daemon_reads_config_and_rejects_unknown_keys() {
+    let dir = short_tempdir("sluice-cfg-");
+    let config = dir.path().join("config.toml");
+    let binary = env!("CARGO_BIN_EXE_sluice-snapshotter");
+
+    std::fs::write(&config, "[daemon]\nsockett = \"/tmp/x.sock\"\n").unwrap();
+    let output = Command::new(binary)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("sockett"),
+        "error does not name the key: {stderr}"
+    );
+
+    // Root and socket come from the file when no flags override them.
+    let socket = dir.path().join("from-file/sluice.sock");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nroot = \"{}\"\nsocket = \"{}\"\n",
+            dir.path().join("state").display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(binary)
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let listening = wait_until(Duration::from_secs(30), || {
+        UnixStream::connect(&socket).is_ok()
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+    let status = child.wait().unwrap();
+    assert!(listening, "daemon did not listen on the configured socket");
+    assert!(status.success(), "SIGINT shutdown exited with {status}");
+    assert!(dir.path().join("state/metadata.redb").exists());
+}
