@@ -40,7 +40,7 @@ fn curl(args: &[&str]) -> Result<Vec<u8>, String> {
 
 #[test]
 fn registry_access_log_counts_bytes_per_request() {
-    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let registry = TestRegistry::start(RegistryOptions::default());
     let data = pattern(100_000);
     let digest = registry.upload_blob("smoke/blob", &data);
     let url = format!("{}/v2/smoke/blob/blobs/{digest}", registry.url());
@@ -70,7 +70,7 @@ fn registry_access_log_counts_bytes_per_request() {
 
 #[test]
 fn registry_restarts_on_same_port_with_same_storage() {
-    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let registry = TestRegistry::start(RegistryOptions::default());
     let data = pattern(5000);
     let digest = registry.upload_blob("smoke/restart", &data);
     let url = format!("{}/v2/smoke/restart/blobs/{digest}", registry.url());
@@ -104,7 +104,7 @@ fn registry_with_htpasswd_requires_credentials() {
 
 #[test]
 fn proxy_forwards_counts_and_corrupts_only_the_chosen_range() {
-    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let registry = TestRegistry::start(RegistryOptions::default());
     let data = pattern(200_000);
     let digest = registry.upload_blob("smoke/proxy", &data);
     let proxy = TestProxy::start(registry.addr());
@@ -237,7 +237,7 @@ fn containerd_with_cri_loads_the_cri_plugin() {
 #[test]
 fn images_convert_push_and_carry_toc_annotations() {
     use common::images::{ImageFormat, publish_all};
-    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let registry = TestRegistry::start(RegistryOptions::default());
     let containerd =
         common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());
     let published = publish_all(&containerd, &registry, "everything");
