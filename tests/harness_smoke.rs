@@ -417,3 +417,52 @@ fn busybox_image_runs_a_container() {
         .unwrap();
     assert_eq!(output.trim(), "42");
 }
+
+#[test]
+fn toc_reader_locates_every_chunk_of_the_big_file() {
+    use common::images::{ImageFormat, publish};
+    use common::toc::{decompress_range, read_toc};
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let containerd =
+        common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());
+    let image = common::images::build_image("everything");
+    let work = common::short_tempdir("sluice-toc-");
+    common::tree::extract_layer(&image.blob_path(&image.layers[0].digest), work.path());
+    let big = std::fs::read(work.path().join("data/big.bin")).unwrap();
+
+    for format in [ImageFormat::Estargz, ImageFormat::ZstdChunked] {
+        let pushed = publish(&containerd, &registry, "everything", format);
+        let layer = &pushed.layers[0];
+        let toc = read_toc(&pushed.local_layer(0), layer);
+        assert!(toc.toc_offset < layer.size);
+        let blob = std::fs::read(pushed.local_layer(0)).unwrap();
+        let chunks = toc.chunks_of("data/big.bin");
+        assert!(chunks.len() >= 52, "{format:?}: {} chunks", chunks.len());
+        let mut covered = 0;
+        for chunk in &chunks {
+            assert_eq!(
+                chunk.chunk_offset, covered,
+                "{format:?}: chunks must be contiguous"
+            );
+            let decompressed = decompress_range(
+                &blob,
+                chunk.blob_range(),
+                format == ImageFormat::ZstdChunked,
+            );
+            let range = chunk.file_range();
+            // The range may run on into the next entry's tar header; the chunk is its prefix.
+            assert!(decompressed.len() as u64 >= chunk.chunk_size);
+            let data = &decompressed[..chunk.chunk_size as usize];
+            assert!(
+                data == &big[range.start as usize..range.end as usize],
+                "{format:?} chunk at {} does not hold the file's bytes",
+                chunk.chunk_offset
+            );
+            if let Some(digest) = &chunk.chunk_digest {
+                assert_eq!(digest, &format!("sha256:{}", common::sha256_hex(data)));
+            }
+            covered = range.end;
+        }
+        assert_eq!(covered, big.len() as u64);
+    }
+}

@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod images;
 pub mod proxy;
 pub mod registry;
+pub mod toc;
 pub mod tree;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
