@@ -142,8 +142,17 @@ fn proxy_forwards_counts_and_corrupts_only_the_chosen_range() {
 
     proxy.clear_corruption();
     assert_eq!(curl(&[&url]).unwrap(), data);
+
+    proxy.fail_next(2, 503);
+    for _ in 0..2 {
+        let err = curl(&[&url]).unwrap_err();
+        assert!(err.contains("503"), "{err}");
+    }
+    assert_eq!(curl(&[&url]).unwrap(), data);
+
     let records = proxy.records();
-    assert_eq!(records.len(), 5);
+    assert_eq!(records.len(), 8);
+    assert_eq!(records[5].status, 503);
     assert_eq!(records[2].range.as_deref(), Some("bytes=9995-10019"));
     assert!(records[2].corrupted);
 }

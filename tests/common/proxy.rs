@@ -51,6 +51,8 @@ struct Shared {
     records: Mutex<Vec<ProxyRecord>>,
     corrupt: Mutex<Vec<CorruptRule>>,
     hang: watch::Sender<bool>,
+    /// `(remaining, status)`: answer that many upcoming requests with `status`.
+    failures: Mutex<(u64, u16)>,
 }
 
 /// A running proxy. Stopped on drop.
@@ -77,6 +79,7 @@ impl TestProxy {
             records: Mutex::new(Vec::new()),
             corrupt: Mutex::new(Vec::new()),
             hang,
+            failures: Mutex::new((0, 0)),
         });
         let (shutdown, shutdown_rx) = oneshot::channel();
         let thread_shared = Arc::clone(&shared);
@@ -161,6 +164,12 @@ impl TestProxy {
 
     pub fn clear_corruption(&self) {
         self.shared.corrupt.lock().unwrap().clear();
+    }
+
+    /// Answer the next `count` requests with `status` (e.g. 503) and an empty body,
+    /// without contacting the registry.
+    pub fn fail_next(&self, count: u64, status: u16) {
+        *self.shared.failures.lock().unwrap() = (count, status);
     }
 
     /// While true, connections are accepted and requests read, but nothing is answered.
@@ -323,8 +332,25 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) -> std::io::Re
                 .header("connection")
                 .is_some_and(|v| v.eq_ignore_ascii_case("close"));
 
-        let (response, mut response_body) =
-            forward(&shared.upstream, &request, &method, &path, &request_body).await?;
+        let injected_failure = {
+            let mut failures = shared.failures.lock().unwrap();
+            if failures.0 > 0 {
+                failures.0 -= 1;
+                Some(failures.1)
+            } else {
+                None
+            }
+        };
+        let (response, mut response_body) = match injected_failure {
+            Some(status) => (
+                Head {
+                    start_line: format!("HTTP/1.1 {status} Injected Failure"),
+                    headers: Vec::new(),
+                },
+                Vec::new(),
+            ),
+            None => forward(&shared.upstream, &request, &method, &path, &request_body).await?,
+        };
         let status: u16 = response
             .start_line
             .split(' ')
