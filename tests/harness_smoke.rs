@@ -181,6 +181,17 @@ fn proxy_hang_holds_requests_until_released() {
     proxy.set_hang(false);
     assert_eq!(held.join().unwrap().unwrap(), b"held");
     assert_eq!(curl(&[&url]).unwrap(), b"held");
+
+    // Stalling mid-body: the client gets part of the body, then nothing.
+    proxy.set_stall_mid_body(true);
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "1", &url])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(28), "expected a curl timeout");
+    assert_eq!(output.stdout, b"he");
+    proxy.set_stall_mid_body(false);
+    assert_eq!(curl(&[&url]).unwrap(), b"held");
 }
 
 #[test]

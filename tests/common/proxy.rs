@@ -51,6 +51,7 @@ struct Shared {
     records: Mutex<Vec<ProxyRecord>>,
     corrupt: Mutex<Vec<CorruptRule>>,
     hang: watch::Sender<bool>,
+    stall_mid_body: watch::Sender<bool>,
     /// `(remaining, status)`: answer that many upcoming requests with `status`.
     failures: Mutex<(u64, u16)>,
 }
@@ -73,12 +74,14 @@ impl TestProxy {
             .expect("make proxy listener non-blocking");
         let addr = std_listener.local_addr().expect("proxy listener address");
         let (hang, _) = watch::channel(false);
+        let (stall_mid_body, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             upstream,
             counters: Counters::default(),
             records: Mutex::new(Vec::new()),
             corrupt: Mutex::new(Vec::new()),
             hang,
+            stall_mid_body,
             failures: Mutex::new((0, 0)),
         });
         let (shutdown, shutdown_rx) = oneshot::channel();
@@ -176,6 +179,12 @@ impl TestProxy {
     /// Switching back to false lets the held requests proceed.
     pub fn set_hang(&self, hang: bool) {
         self.shared.hang.send_replace(hang);
+    }
+
+    /// While true, responses send their headers and the first half of their body, then
+    /// stall (connection open) until switched back to false, which sends the rest.
+    pub fn set_stall_mid_body(&self, stall: bool) {
+        self.shared.stall_mid_body.send_replace(stall);
     }
 }
 
@@ -400,7 +409,19 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) -> std::io::Re
         });
         write_half.write_all(out.as_bytes()).await?;
         if method != "HEAD" {
-            write_half.write_all(&response_body).await?;
+            let mut stall = shared.stall_mid_body.subscribe();
+            let mut rest = &response_body[..];
+            if *stall.borrow_and_update() && response_body.len() > 1 {
+                let (first, second) = response_body.split_at(response_body.len() / 2);
+                write_half.write_all(first).await?;
+                write_half.flush().await?;
+                stall
+                    .wait_for(|stalled| !*stalled)
+                    .await
+                    .map_err(|_| std::io::Error::other("proxy shutting down"))?;
+                rest = second;
+            }
+            write_half.write_all(rest).await?;
         }
         write_half.flush().await?;
         if client_wants_close {
