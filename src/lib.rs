@@ -31,5 +31,6 @@ pub mod config;
 pub mod digest;
 pub mod format;
 pub mod fs;
+pub mod layer;
 pub mod metrics;
 pub mod registry;
