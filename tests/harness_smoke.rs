@@ -61,8 +61,14 @@ fn registry_access_log_counts_bytes_per_request() {
     assert_eq!(records[0].status, 206);
     assert_eq!(records[1].status, 200);
 
+    registry.delete_blob("smoke/blob", &digest);
+    assert!(curl(&[&url]).is_err(), "deleted blob must be gone");
+
     let before_reset = registry.requests();
-    assert!(before_reset >= 3, "upload + 2 reads, got {before_reset}");
+    assert!(
+        before_reset >= 5,
+        "upload + 2 reads + delete + read, got {before_reset}"
+    );
     registry.reset_counters();
     assert_eq!(registry.requests(), 0);
     assert_eq!(registry.served_bytes(), 0);
@@ -485,4 +491,21 @@ fn toc_reader_locates_every_chunk_of_the_big_file() {
         }
         assert_eq!(covered, big.len() as u64);
     }
+}
+
+#[test]
+fn images_publish_to_a_registry_requiring_credentials() {
+    use common::images::{ImageFormat, publish};
+    let registry = TestRegistry::start(RegistryOptions {
+        htpasswd: Some(("pusher".into(), "pw".into())),
+    });
+    let containerd =
+        common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());
+    let image = publish(&containerd, &registry, "busybox", ImageFormat::Estargz);
+    assert_eq!(image.layers.len(), 2);
+    assert!(image.layers.iter().all(|l| l.toc_digest().is_some()));
+    let url = image.blob_url(&registry.url(), &image.layers[0].digest);
+    assert!(curl(&[&url]).is_err(), "anonymous pull must be refused");
+    let blob = curl(&["-u", "pusher:pw", &url]).unwrap();
+    assert_eq!(blob.len() as u64, image.layers[0].size);
 }

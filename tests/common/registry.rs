@@ -396,6 +396,19 @@ impl TestRegistry {
         digest
     }
 
+    /// Delete a blob from repository `repo` (the registry runs with deletes enabled), so
+    /// later reads of it get 404 — e.g. to prove that cached data no longer needs it.
+    pub fn delete_blob(&self, repo: &str, digest: &str) {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "-f", "-X", "DELETE"]);
+        if let Some((user, password)) = &self.options.htpasswd {
+            curl.args(["-u", &format!("{user}:{password}")]);
+        }
+        curl.arg(format!("{}/v2/{repo}/blobs/{digest}", self.url()));
+        run_command(&mut curl)
+            .unwrap_or_else(|e| panic!("deleting blob {digest} from {}: {e}", self.host()));
+    }
+
     /// Path of the server's own log (non-access lines), for debugging failed tests.
     pub fn server_log_path(&self) -> PathBuf {
         self.dir.path().join("registry.log")
