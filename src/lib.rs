@@ -35,6 +35,7 @@ pub mod digest;
 pub mod format;
 pub mod fs;
 pub mod layer;
+pub mod lazy;
 pub mod metrics;
 pub mod registry;
 pub mod snapshot;

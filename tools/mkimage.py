@@ -182,7 +182,16 @@ def busybox_layers():
     return [base, app], config
 
 
-IMAGES = {"everything": everything_layers, "busybox": busybox_layers}
+def app_layers():
+    """busybox plus a layer of data the entrypoint never reads, as real images carry:
+    a lazy pull must not fetch it."""
+    layers, config = busybox_layers()
+    data = [d("opt"), d("opt/data")]
+    data += [rnd("opt/data/blob%d.bin" % i, 500 + i, 4 * MIB) for i in range(4)]
+    return layers + [data], config
+
+
+IMAGES = {"everything": everything_layers, "busybox": busybox_layers, "app": app_layers}
 
 # ---------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ pub mod containerd;
 pub mod images;
 pub mod proxy;
 pub mod registry;
+pub mod snapshotter;
 pub mod toc;
 pub mod tree;
 
