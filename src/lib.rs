@@ -34,6 +34,7 @@ pub mod config;
 pub mod digest;
 pub mod format;
 pub mod fs;
+pub mod layer;
 pub mod metrics;
 pub mod registry;
 pub mod snapshot;

@@ -388,3 +388,32 @@ fn whiteouts_become_overlay_whiteouts_and_converted_layers_match_the_original() 
         Some(&b"y"[..])
     );
 }
+
+#[test]
+fn busybox_image_runs_a_container() {
+    use common::images::{ImageFormat, publish};
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let containerd =
+        common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());
+    let image = publish(&containerd, &registry, "busybox", ImageFormat::Gzip);
+    assert_eq!(image.layers.len(), 2);
+    containerd
+        .ctr(&["images", "pull", "--plain-http", &image.reference])
+        .unwrap();
+    let output = containerd
+        .ctr(&["run", "--rm", &image.reference, "smoke-hello"])
+        .unwrap();
+    assert_eq!(output.trim(), "hello from sluice");
+    let output = containerd
+        .ctr(&[
+            "run",
+            "--rm",
+            &image.reference,
+            "smoke-sh",
+            "/bin/sh",
+            "-c",
+            "echo $((6*7))",
+        ])
+        .unwrap();
+    assert_eq!(output.trim(), "42");
+}

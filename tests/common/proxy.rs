@@ -352,12 +352,9 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) -> std::io::Re
             out.push_str("Connection: close\r\n");
         }
         out.push_str("\r\n");
-        write_half.write_all(out.as_bytes()).await?;
-        if method != "HEAD" {
-            write_half.write_all(&response_body).await?;
-        }
-        write_half.flush().await?;
 
+        // Account before answering, so a client that has its response also sees it
+        // counted.
         let sent = if method == "HEAD" { 0 } else { body_len };
         shared.counters.requests.fetch_add(1, Ordering::SeqCst);
         shared.counters.bytes.fetch_add(sent, Ordering::SeqCst);
@@ -368,13 +365,18 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) -> std::io::Re
                 .fetch_add(1, Ordering::SeqCst);
         }
         shared.records.lock().unwrap().push(ProxyRecord {
-            method,
+            method: method.clone(),
             path,
             range: request.header("range").map(str::to_string),
             status,
             bytes: sent,
             corrupted,
         });
+        write_half.write_all(out.as_bytes()).await?;
+        if method != "HEAD" {
+            write_half.write_all(&response_body).await?;
+        }
+        write_half.flush().await?;
         if client_wants_close {
             break;
         }
