@@ -15,20 +15,20 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/config.toml";
 /// A configuration that could not be read or is not acceptable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading configuration file {path}: {source}")]
+    // The underlying errors are part of the message rather than a `#[source]`: toml's
+    // text is the useful part, and a source chain would print it twice.
+    #[error("reading configuration file {path}: {reason}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// Syntax errors, wrong types and unknown keys; toml's message names the key.
     #[error(
-        "parsing configuration file {path}: {source}; see docs/configuration.md for the options"
+        "parsing configuration file {path}: {reason}(see docs/configuration.md for the options)"
     )]
     Parse {
         path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
+        reason: Box<toml::de::Error>,
     },
     #[error("configuration option `{option}`: {reason}")]
     Invalid {
@@ -185,16 +185,16 @@ impl Config {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(source) => {
+            Err(reason) => {
                 return Err(ConfigError::Read {
                     path: path.to_owned(),
-                    source,
+                    reason,
                 });
             }
         };
-        let config = Self::parse(&text).map_err(|source| ConfigError::Parse {
+        let config = Self::parse(&text).map_err(|reason| ConfigError::Parse {
             path: path.to_owned(),
-            source: Box::new(source),
+            reason: Box::new(reason),
         })?;
         config.validate()?;
         Ok(config)
