@@ -141,7 +141,8 @@ impl Default for FsConfig {
         Self {
             read_timeout_secs: 60,
             background_fetch: true,
-            background_bandwidth_bytes_per_sec: 0,
+            // Half of a 1 Gbit/s link: streaming never starves the node or the registry.
+            background_bandwidth_bytes_per_sec: 64 << 20,
         }
     }
 }

@@ -191,7 +191,21 @@ def app_layers():
     return layers + [data], config
 
 
-IMAGES = {"everything": everything_layers, "busybox": busybox_layers, "app": app_layers}
+def demo_layers():
+    """The demo's image: busybox, a small app, and 256 MiB the entrypoint never reads,
+    the way real images carry toolchains, caches and assets."""
+    layers, config = busybox_layers()
+    assets = [d("opt"), d("opt/assets")]
+    assets += [rnd("opt/assets/pack%02d.bin" % i, 900 + i, 16 * MIB) for i in range(16)]
+    return layers + [assets], config
+
+
+IMAGES = {
+    "everything": everything_layers,
+    "busybox": busybox_layers,
+    "app": app_layers,
+    "demo": demo_layers,
+}
 
 # ---------------------------------------------------------------------------
 
