@@ -704,6 +704,8 @@ struct TokenSetup {
     gate: TestServer,
     _token_server: TestServer,
     token_requests: Arc<Mutex<Vec<Request>>>,
+    /// Tokens numbered below this are refused by the gate (revoked).
+    oldest_valid: Arc<AtomicU64>,
     image: PushedImage,
 }
 
@@ -747,13 +749,19 @@ async fn token_setup(require_credentials: bool) -> TokenSetup {
     };
     let realm = format!("http://{}/token", token_server.host());
     let upstream = registry.base();
+    let oldest_valid = Arc::new(AtomicU64::new(0));
+    let gate_oldest_valid = Arc::clone(&oldest_valid);
     let gate = TestServer::start(handler(move |req: Request| {
+        let oldest_valid = Arc::clone(&gate_oldest_valid);
         let realm = realm.clone();
         let upstream = upstream.clone();
         async move {
+            let oldest = oldest_valid.load(Ordering::SeqCst);
             let authorised = req
                 .header("authorization")
-                .is_some_and(|a| a.starts_with("Bearer tok-"));
+                .and_then(|a| a.strip_prefix("Bearer tok-"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n >= oldest);
             if !authorised {
                 return Response::new(401).header(
                     "www-authenticate",
@@ -784,6 +792,7 @@ async fn token_setup(require_credentials: bool) -> TokenSetup {
         gate,
         _token_server: token_server,
         token_requests,
+        oldest_valid,
         image,
     }
 }
@@ -835,6 +844,15 @@ async fn bearer_token_flow_with_credentials() {
         "{}",
         requests[0].path
     );
+
+    // The gate revokes the token: one new token is fetched and the read succeeds.
+    setup.oldest_valid.store(1, Ordering::SeqCst);
+    let bytes = blob
+        .read_range(0..100, FetchPriority::OnDemand)
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), &setup.image.layers[0][..100]);
+    assert_eq!(setup.token_requests.lock().unwrap().len(), 2);
 
     // Wrong credentials: the token server refuses, and the error says where to look.
     let bad_dir = tempfile::tempdir().unwrap();

@@ -111,6 +111,16 @@ enum Need {
     Pull,
 }
 
+/// What authorization a request carried.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sent {
+    Nothing,
+    CachedToken,
+    Basic,
+    /// Produced by answering a challenge just now.
+    Fresh,
+}
+
 struct CachedRedirect {
     url: String,
     at: Instant,
@@ -889,24 +899,34 @@ impl RegistryClient {
         priority: FetchPriority,
     ) -> Result<Response, RegistryError> {
         let scope = pull_scope(repo.name());
+        // After a challenge, the retry uses what authentication produced, not the cache,
+        // so a token that is short-lived or evicted meanwhile still gets its one use.
+        let mut fresh_authorization: Option<String> = None;
         let mut reauthenticated = false;
         loop {
             let mut req = ep.http.get(url).headers(headers.clone());
             for (name, value) in &ep.cfg.headers {
                 req = req.header(name.as_str(), value.as_str());
             }
-            let sent_token = self.tokens.get(&ep.cfg.host, &scope);
-            if let Some(token) = &sent_token {
-                req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
-            } else if let Some(creds) = &ep.credentials
-                && self
-                    .basic_hosts
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains(&ep.cfg.host)
-            {
-                req = req.header(AUTHORIZATION, creds.basic_header());
-            }
+            let sent = match fresh_authorization.take() {
+                Some(authorization) => {
+                    req = req.header(AUTHORIZATION, authorization);
+                    Sent::Fresh
+                }
+                None => match self.tokens.get(&ep.cfg.host, &scope) {
+                    Some(token) => {
+                        req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
+                        Sent::CachedToken
+                    }
+                    None => match &ep.credentials {
+                        Some(creds) if self.host_wants_basic(&ep.cfg.host) => {
+                            req = req.header(AUTHORIZATION, creds.basic_header());
+                            Sent::Basic
+                        }
+                        _ => Sent::Nothing,
+                    },
+                },
+            };
             let resp = self.execute(req, ctx, priority).await?;
             let status = resp.status();
             if reauthenticated
@@ -915,25 +935,34 @@ impl RegistryClient {
                 return Ok(resp);
             }
             reauthenticated = true;
-            if !self
-                .authenticate(ep, ctx, &scope, &resp, sent_token.is_some(), priority)
+            match self
+                .authenticate(ep, ctx, &scope, &resp, sent, priority)
                 .await?
             {
-                return Ok(resp);
+                Some(authorization) => fresh_authorization = Some(authorization),
+                None => return Ok(resp),
             }
         }
     }
 
-    /// Reacts to a 401/403; returns whether a retry with new authorization makes sense.
+    fn host_wants_basic(&self, host: &str) -> bool {
+        self.basic_hosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(host)
+    }
+
+    /// Reacts to a 401/403: the `Authorization` value to retry with, or `None` when
+    /// retrying cannot help (no credentials, or they were just refused).
     async fn authenticate(
         &self,
         ep: &Endpoint,
         ctx: &Ctx<'_>,
         scope: &str,
         resp: &Response,
-        sent_token: bool,
+        sent: Sent,
         priority: FetchPriority,
-    ) -> Result<bool, RegistryError> {
+    ) -> Result<Option<String>, RegistryError> {
         let challenges: Vec<Challenge> = resp
             .headers()
             .get_all(WWW_AUTHENTICATE)
@@ -955,27 +984,27 @@ impl RegistryClient {
             let (token, lifetime) = self
                 .fetch_token(ep, ctx, realm, service.as_deref(), token_scope, priority)
                 .await?;
+            let authorization = format!("Bearer {}", token.expose());
             self.tokens.insert(&ep.cfg.host, scope, token, lifetime);
-            return Ok(true);
+            return Ok(Some(authorization));
+        }
+        if sent == Sent::CachedToken {
+            // Refused without a new challenge: the token is no good any more.
+            self.tokens.remove(&ep.cfg.host, scope);
         }
         let wants_basic = challenges
             .iter()
             .any(|c| matches!(c, Challenge::Basic { .. }));
-        if wants_basic && ep.credentials.is_some() {
-            let newly = self
-                .basic_hosts
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(ep.cfg.host.clone());
-            return Ok(newly);
+        match &ep.credentials {
+            Some(creds) if wants_basic && sent != Sent::Basic && sent != Sent::Fresh => {
+                self.basic_hosts
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(ep.cfg.host.clone());
+                Ok(Some(creds.basic_header()))
+            }
+            _ => Ok(None),
         }
-        if sent_token {
-            // A 403 without a challenge after sending a token: drop it and let the next
-            // request start the flow afresh.
-            self.tokens.remove(&ep.cfg.host, scope);
-            return Ok(true);
-        }
-        Ok(false)
     }
 
     async fn fetch_token(
