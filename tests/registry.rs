@@ -36,6 +36,7 @@ fn free_port() -> u16 {
 struct RealRegistry {
     child: Child,
     port: u16,
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -48,6 +49,11 @@ impl Drop for RealRegistry {
 
 impl RealRegistry {
     async fn start(htpasswd: Option<&str>) -> Self {
+        Self::start_with(htpasswd, None).await
+    }
+
+    /// `tls`: certificate and key files to serve HTTPS with.
+    async fn start_with(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let auth = match htpasswd {
@@ -61,10 +67,18 @@ impl RealRegistry {
             }
             None => String::new(),
         };
+        let tls_config = match tls {
+            Some((cert, key)) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         let config = format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: sluice-test\n{auth}",
+             http:\n  addr: 127.0.0.1:{port}\n  secret: sluice-test\n{tls_config}{auth}",
             dir.path().join("data").display()
         );
         let config_path = dir.path().join("config.yml");
@@ -80,9 +94,10 @@ impl RealRegistry {
         let registry = Self {
             child,
             port,
+            tls: tls.is_some(),
             _dir: dir,
         };
-        let http = reqwest::Client::new();
+        let http = test_http_client();
         for _ in 0..200 {
             if let Ok(resp) = http.get(format!("{}/v2/", registry.base())).send().await
                 && (resp.status().is_success() || resp.status() == 401)
@@ -99,8 +114,17 @@ impl RealRegistry {
     }
 
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
+}
+
+/// For the test's own setup requests (pushing, probing), which trust any certificate.
+fn test_http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
 }
 
 /// Pushes with the plain distribution API (monolithic uploads).
@@ -113,7 +137,7 @@ struct Pusher {
 impl Pusher {
     fn new(base: String, auth: Option<(&str, &str)>) -> Self {
         Self {
-            http: reqwest::Client::new(),
+            http: test_http_client(),
             base,
             auth: auth.map(|(u, p)| (u.to_owned(), p.to_owned())),
         }
@@ -1318,4 +1342,208 @@ async fn manifest_pinned_by_digest_is_verified() {
         text.contains(&server.host()) && text.contains(pinned.as_str()),
         "{text}"
     );
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl must be installed");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it.
+fn make_certificates(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sluice test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_hosts_toml_ca_and_skip_verify() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let registry = RealRegistry::start_with(
+        None,
+        Some((
+            &certs.path().join("server.pem"),
+            &certs.path().join("server.key"),
+        )),
+    )
+    .await;
+    let image = push_image(
+        &Pusher::new(registry.base(), None),
+        "test/img",
+        Some("v1"),
+        "amd64",
+        6,
+    )
+    .await;
+    let reference: ImageReference = format!("{}/test/img:v1", registry.host()).parse().unwrap();
+
+    let hosts_dir_with = |extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let host_dir = dir.path().join(registry.host());
+        std::fs::create_dir_all(&host_dir).unwrap();
+        std::fs::copy(certs.path().join("ca.pem"), host_dir.join("ca.pem")).unwrap();
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!("server = \"https://{}\"\n{extra}", registry.host()),
+        )
+        .unwrap();
+        dir
+    };
+
+    // Trusting the test CA (relative `ca` path) works; so does skip_verify.
+    for extra in ["ca = \"ca.pem\"\n", "skip_verify = true\n"] {
+        let hosts = hosts_dir_with(extra);
+        let (client, _) = new_client(RegistryOptions {
+            hosts_dir: Some(hosts.path().to_owned()),
+            ..options()
+        });
+        let resolved = client
+            .resolve(&reference, &Platform::default())
+            .await
+            .unwrap();
+        assert_eq!(resolved.manifest_digest, image.manifest_digest, "{extra}");
+        let blob = client.remote_blob(
+            reference.repository().clone(),
+            resolved.layers[0].digest.clone(),
+            resolved.layers[0].size,
+        );
+        let bytes = blob
+            .read_range(7..77, FetchPriority::OnDemand)
+            .await
+            .unwrap();
+        assert_eq!(bytes.as_ref(), &image.layers[0][7..77]);
+    }
+
+    // Without the CA the certificate is refused, and the error names the registry.
+    let hosts = hosts_dir_with("");
+    let (client, _) = new_client(RegistryOptions {
+        hosts_dir: Some(hosts.path().to_owned()),
+        on_demand_retries: 0,
+        ..options()
+    });
+    let err = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Transport { .. }), "{err}");
+    assert!(err.to_string().contains(&registry.host()), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_toml_headers_reach_the_mirror() {
+    let (data, digest, _) = blob_fixture();
+    let data = Arc::new(data);
+    let mirror = {
+        let data = Arc::clone(&data);
+        TestServer::start(handler(move |req: Request| {
+            let data = Arc::clone(&data);
+            async move {
+                if req.header("x-mirror-key") != Some("k1") {
+                    return Response::new(403);
+                }
+                serve_range(&data, &req)
+            }
+        }))
+        .await
+    };
+    let upstream = format!("127.0.0.1:{}", free_port());
+    let hosts = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(hosts.path().join(&upstream)).unwrap();
+    std::fs::write(
+        hosts.path().join(&upstream).join("hosts.toml"),
+        format!(
+            "server = \"http://{upstream}\"\n\
+             [host.\"http://{}\"]\n  capabilities = [\"pull\"]\n  \
+             [host.\"http://{}\".header]\n    x-mirror-key = \"k1\"\n",
+            mirror.host(),
+            mirror.host()
+        ),
+    )
+    .unwrap();
+    let (client, _) = new_client(RegistryOptions {
+        hosts_dir: Some(hosts.path().to_owned()),
+        ..options()
+    });
+    let repo = Repository::new(&upstream, "test/img").unwrap();
+    let bytes = client
+        .read_range(
+            &repo,
+            &digest,
+            data.len() as u64,
+            10..20,
+            FetchPriority::OnDemand,
+        )
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), &data[10..20]);
 }
