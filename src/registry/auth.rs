@@ -180,16 +180,21 @@ struct CachedToken {
     usable_until: Instant,
 }
 
-/// Bearer tokens per (registry host, repository scope), valid until shortly before they
-/// expire so a request never carries a token that dies in flight.
+/// Bearer tokens per registry host and repository scope, valid until shortly before they
+/// expire so a request never carries a token that dies in flight. Nested maps so a lookup
+/// on the read path borrows its keys instead of allocating them.
 #[derive(Default)]
 pub struct TokenCache {
-    tokens: RwLock<HashMap<(String, String), CachedToken>>,
+    tokens: RwLock<HashMap<String, HashMap<String, CachedToken>>>,
 }
 
 impl fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let count = self.tokens.read().map(|t| t.len()).unwrap_or(0);
+        let count: usize = self
+            .tokens
+            .read()
+            .map(|t| t.values().map(HashMap::len).sum())
+            .unwrap_or(0);
         f.debug_struct("TokenCache")
             .field("tokens", &count)
             .finish()
@@ -199,9 +204,9 @@ impl fmt::Debug for TokenCache {
 impl TokenCache {
     pub fn get(&self, host: &str, scope: &str) -> Option<Secret> {
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        let key = (host.to_owned(), scope.to_owned());
         tokens
-            .get(&key)
+            .get(host)?
+            .get(scope)
             .filter(|t| t.usable_until > Instant::now())
             .map(|t| t.token.clone())
     }
@@ -209,11 +214,12 @@ impl TokenCache {
     pub fn insert(&self, host: &str, scope: &str, token: Secret, lifetime: Duration) {
         // Keep a margin of a tenth of the lifetime, at most 30 s.
         let margin = (lifetime / 10).min(Duration::from_secs(30));
-        let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        tokens.retain(|_, t| t.usable_until > now);
-        tokens.insert(
-            (host.to_owned(), scope.to_owned()),
+        let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
+        let for_host = tokens.entry(host.to_owned()).or_default();
+        for_host.retain(|_, t| t.usable_until > now);
+        for_host.insert(
+            scope.to_owned(),
             CachedToken {
                 token,
                 usable_until: now + lifetime - margin,
@@ -223,7 +229,9 @@ impl TokenCache {
 
     pub fn remove(&self, host: &str, scope: &str) {
         let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
-        tokens.remove(&(host.to_owned(), scope.to_owned()));
+        if let Some(for_host) = tokens.get_mut(host) {
+            for_host.remove(scope);
+        }
     }
 }
 

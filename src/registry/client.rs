@@ -102,6 +102,39 @@ struct Endpoint {
     /// Registry name credentials are looked up by.
     credentials_key: String,
     credentials: Option<Credentials>,
+    /// Storage URL this host redirected each blob to.
+    redirects: RwLock<HashMap<Digest, CachedRedirect>>,
+}
+
+/// Beyond this many cached redirects, stale ones are dropped on insert.
+const REDIRECT_CACHE_PRUNE_AT: usize = 1024;
+
+impl Endpoint {
+    fn remember_redirect(&self, digest: &Digest, repository: &str, url: String) {
+        let mut redirects = self.redirects.write().unwrap_or_else(|e| e.into_inner());
+        if redirects.len() >= REDIRECT_CACHE_PRUNE_AT {
+            redirects.retain(|_, c| c.at.elapsed() < REDIRECT_CACHE_TTL);
+        }
+        redirects.insert(
+            digest.clone(),
+            CachedRedirect {
+                repository: repository.to_owned(),
+                url: url.into(),
+                at: Instant::now(),
+            },
+        );
+    }
+
+    fn forget_redirect(&self, digest: &Digest) {
+        self.redirects
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
+    }
+}
+
+fn is_retryable_status(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
 }
 
 /// Which capability an operation needs from a host.
@@ -122,16 +155,36 @@ enum Sent {
 }
 
 struct CachedRedirect {
-    url: String,
+    /// The redirect was granted for this repository; reads through another one ask again.
+    repository: String,
+    url: Arc<str>,
     at: Instant,
 }
 
-/// Names what a request is about, for errors.
+/// Names what a request is about, for errors. Formatted only when an error is built, so
+/// the read path does not pay for it.
 #[derive(Clone, Copy)]
 struct Ctx<'a> {
     host: &'a str,
     repository: &'a str,
-    object: &'a str,
+    object: Object<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum Object<'a> {
+    Manifest(&'a str),
+    Config(&'a Digest),
+    Blob(&'a Digest),
+}
+
+impl fmt::Display for Object<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Manifest(reference) => write!(f, "manifest {reference}"),
+            Self::Config(digest) => write!(f, "config {digest}"),
+            Self::Blob(digest) => write!(f, "blob {digest}"),
+        }
+    }
 }
 
 impl Ctx<'_> {
@@ -148,7 +201,7 @@ impl Ctx<'_> {
         RegistryError::Transport {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             reason,
         }
     }
@@ -157,7 +210,7 @@ impl Ctx<'_> {
         RegistryError::Timeout {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             timeout,
         }
     }
@@ -166,7 +219,7 @@ impl Ctx<'_> {
         RegistryError::TooLarge {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             limit,
         }
     }
@@ -175,7 +228,7 @@ impl Ctx<'_> {
         RegistryError::InvalidManifest {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             reason,
         }
     }
@@ -184,7 +237,7 @@ impl Ctx<'_> {
         RegistryError::DigestMismatch {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             actual,
         }
     }
@@ -193,7 +246,7 @@ impl Ctx<'_> {
         RegistryError::Redirect {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             reason: reason.into(),
         }
     }
@@ -222,8 +275,6 @@ pub struct RegistryClient {
     tokens: TokenCache,
     /// Hosts that asked for basic auth: credentials are then sent up front.
     basic_hosts: RwLock<HashSet<String>>,
-    /// Storage URL a registry redirected a blob to, per (api base, repository, digest).
-    redirects: RwLock<HashMap<String, CachedRedirect>>,
     warned_full_body: AtomicBool,
 }
 
@@ -266,7 +317,6 @@ impl RegistryClient {
             http_clients: Mutex::default(),
             tokens: TokenCache::default(),
             basic_hosts: RwLock::default(),
-            redirects: RwLock::default(),
             warned_full_body: AtomicBool::new(false),
         }))
     }
@@ -296,11 +346,10 @@ impl RegistryClient {
                 self.fetch_manifest_once(ep, repo, top_ref, reference.digest())
             })
             .await?;
-        let top_object = format!("manifest {top_ref}");
         let ctx = Ctx {
             host: &host,
             repository: repo.name(),
-            object: &top_object,
+            object: Object::Manifest(top_ref),
         };
         let doc = ManifestDocument::parse(&bytes, content_type.as_deref())
             .map_err(|reason| ctx.invalid_manifest(reason))?;
@@ -316,7 +365,7 @@ impl RegistryClient {
                         .ok_or_else(|| RegistryError::PlatformNotFound {
                             host: host.clone(),
                             repository: repo.name().to_owned(),
-                            object: top_object.clone(),
+                            object: ctx.object.to_string(),
                             platform: platform.to_string(),
                             available: index.platforms(),
                         })?;
@@ -326,11 +375,10 @@ impl RegistryClient {
                         self.fetch_manifest_once(ep, repo, child.as_str(), Some(&child))
                     })
                     .await?;
-                let child_object = format!("manifest {child}");
                 let child_ctx = Ctx {
                     host: &child_host,
                     repository: repo.name(),
-                    object: &child_object,
+                    object: Object::Manifest(child.as_str()),
                 };
                 match ManifestDocument::parse(&child_bytes, child_type.as_deref())
                     .map_err(|reason| child_ctx.invalid_manifest(reason))?
@@ -349,11 +397,10 @@ impl RegistryClient {
         };
         let config_digest = manifest.config.digest.clone();
         if manifest.config.size > MAX_CONFIG_BYTES {
-            let object = format!("config {config_digest}");
             return Err(Ctx {
                 host: &host,
                 repository: repo.name(),
-                object: &object,
+                object: Object::Config(&config_digest),
             }
             .too_large(MAX_CONFIG_BYTES));
         }
@@ -361,11 +408,10 @@ impl RegistryClient {
             .fetch_blob_with(repo, &config_digest, FetchPriority::Prefetch, retries)
             .await?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
-            let object = format!("config {config_digest}");
             Ctx {
                 host: &host,
                 repository: repo.name(),
-                object: &object,
+                object: Object::Config(&config_digest),
             }
             .invalid_manifest(format!("the image config is not valid: {e}"))
         })?;
@@ -514,6 +560,7 @@ impl RegistryClient {
                 http,
                 credentials_key,
                 credentials,
+                redirects: RwLock::default(),
             });
         }
         let built: Arc<[Endpoint]> = built.into();
@@ -573,14 +620,11 @@ impl RegistryClient {
         F: Fn(&'a Endpoint) -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
     {
-        let usable: Vec<&'a Endpoint> = endpoints
-            .iter()
-            .filter(|ep| match need {
-                Need::Resolve => ep.cfg.capabilities.resolve,
-                Need::Pull => ep.cfg.capabilities.pull,
-            })
-            .collect();
-        let Some((last, mirrors)) = usable.split_last() else {
+        let capable = |ep: &Endpoint| match need {
+            Need::Resolve => ep.cfg.capabilities.resolve,
+            Need::Pull => ep.cfg.capabilities.pull,
+        };
+        let Some(last) = endpoints.iter().rposition(capable) else {
             let host = endpoints
                 .last()
                 .map(|ep| ep.cfg.host.as_str())
@@ -588,19 +632,21 @@ impl RegistryClient {
             return Err(RegistryError::HttpClient {
                 host: host.to_owned(),
                 reason: format!(
-                    "no host in its hosts.toml has the {:?} capability; add it to a host",
-                    need
+                    "no host in its hosts.toml has the {need:?} capability; add it to a host"
                 ),
             });
         };
-        for ep in mirrors {
+        for ep in endpoints[..last].iter().filter(|ep| capable(ep)) {
             match op(ep).await {
                 Ok(value) => return Ok(value),
-                Err(e) => {
-                    tracing::warn!(mirror = %ep.cfg.host, error = %e, "mirror failed, trying the next host")
-                }
+                Err(e) => tracing::warn!(
+                    mirror = %ep.cfg.host,
+                    error = %e,
+                    "mirror failed, trying the next host"
+                ),
             }
         }
+        let last = &endpoints[last];
         self.with_retries(retries, || op(last)).await
     }
 
@@ -636,11 +682,10 @@ impl RegistryClient {
         reference: &str,
         pinned: Option<&Digest>,
     ) -> Result<(Bytes, Option<String>, Digest, String), RegistryError> {
-        let object = format!("manifest {reference}");
         let ctx = Ctx {
             host: &ep.cfg.host,
             repository: repo.name(),
-            object: &object,
+            object: Object::Manifest(reference),
         };
         let url = format!(
             "{}/{}/manifests/{}",
@@ -683,11 +728,10 @@ impl RegistryClient {
         digest: &Digest,
         priority: FetchPriority,
     ) -> Result<Bytes, RegistryError> {
-        let object = format!("blob {digest}");
         let ctx = Ctx {
             host: &ep.cfg.host,
             repository: repo.name(),
-            object: &object,
+            object: Object::Blob(digest),
         };
         let resp = self
             .blob_response(ep, &ctx, repo, digest, None, priority)
@@ -696,7 +740,7 @@ impl RegistryClient {
             return Err(RegistryError::Status {
                 host: ep.cfg.host.clone(),
                 repository: repo.name().to_owned(),
-                object,
+                object: ctx.object.to_string(),
                 status: resp.status().as_u16(),
                 retry_after: None,
             });
@@ -720,11 +764,10 @@ impl RegistryClient {
         range: Range<u64>,
         priority: FetchPriority,
     ) -> Result<Bytes, RegistryError> {
-        let object = format!("blob {digest}");
         let ctx = Ctx {
             host: &ep.cfg.host,
             repository: repo.name(),
-            object: &object,
+            object: Object::Blob(digest),
         };
         let resp = self
             .blob_response(ep, &ctx, repo, digest, Some(&range), priority)
@@ -801,16 +844,15 @@ impl RegistryClient {
         priority: FetchPriority,
     ) -> Result<Response, RegistryError> {
         let range_header = range.map(|r| format!("bytes={}-{}", r.start, r.end - 1));
-        let cache_key = format!("{} {} {}", ep.cfg.api_base, repo.name(), digest);
-        let cached = self
+        let cached = ep
             .redirects
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&cache_key)
-            .filter(|c| c.at.elapsed() < REDIRECT_CACHE_TTL)
-            .map(|c| c.url.clone());
+            .get(digest)
+            .filter(|c| c.repository == repo.name() && c.at.elapsed() < REDIRECT_CACHE_TTL)
+            .map(|c| Arc::clone(&c.url));
         if let Some(url) = cached {
-            let mut req = ep.http.get(&url);
+            let mut req = ep.http.get(&*url);
             if let Some(r) = &range_header {
                 req = req.header(RANGE, r);
             }
@@ -819,11 +861,11 @@ impl RegistryClient {
                 Ok(resp) if matches!(resp.status().as_u16(), 400 | 401 | 403 | 404 | 410) => {
                     // Typically an expired pre-signed URL: ask the registry again.
                     tracing::debug!(host = %ep.cfg.host, status = %resp.status(), "cached blob redirect rejected, re-resolving");
-                    self.forget_redirect(&cache_key);
+                    ep.forget_redirect(digest);
                 }
                 Ok(resp) => return Err(self.status_error(ep, ctx, &resp)),
                 Err(e) => {
-                    self.forget_redirect(&cache_key);
+                    ep.forget_redirect(digest);
                     return Err(e);
                 }
             }
@@ -862,29 +904,22 @@ impl RegistryClient {
             }
             resp = self.execute(req, ctx, priority).await?;
         }
-        if !resp.status().is_success() {
+        let status = resp.status();
+        if hops > 0 && !status.is_success() && !is_retryable_status(status) {
+            // Not the registry's refusal: its credentials hint would mislead.
+            let storage = Url::parse(&current)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_default();
+            return Err(ctx.redirect(format!("the storage host {storage} answered {status}")));
+        }
+        if !status.is_success() {
             return Err(self.status_error(ep, ctx, &resp));
         }
         if hops > 0 {
-            self.redirects
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(
-                    cache_key,
-                    CachedRedirect {
-                        url: current,
-                        at: Instant::now(),
-                    },
-                );
+            ep.remember_redirect(digest, repo.name(), current);
         }
         Ok(resp)
-    }
-
-    fn forget_redirect(&self, key: &str) {
-        self.redirects
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
     }
 
     /// A GET to the registry with the host's extra headers and cached authorization; on
@@ -1019,7 +1054,7 @@ impl RegistryClient {
         let token_error = |reason: String, transient: bool| RegistryError::Token {
             host: ctx.host.to_owned(),
             repository: ctx.repository.to_owned(),
-            object: ctx.object.to_owned(),
+            object: ctx.object.to_string(),
             realm: realm.to_owned(),
             reason,
             transient,
@@ -1046,13 +1081,13 @@ impl RegistryClient {
             return Err(RegistryError::Unauthorized {
                 host: ctx.host.to_owned(),
                 repository: ctx.repository.to_owned(),
-                object: ctx.object.to_owned(),
+                object: ctx.object.to_string(),
                 status: status.as_u16(),
                 hint: format!("token server {realm} refused: {}", self.auth_hint(ep)),
             });
         }
         if !status.is_success() {
-            let transient = status.as_u16() == 429 || status.is_server_error();
+            let transient = is_retryable_status(status);
             return Err(token_error(format!("HTTP {status}"), transient));
         }
         let body = self
@@ -1157,19 +1192,19 @@ impl RegistryClient {
             404 => RegistryError::NotFound {
                 host: ctx.host.to_owned(),
                 repository: ctx.repository.to_owned(),
-                object: ctx.object.to_owned(),
+                object: ctx.object.to_string(),
             },
             401 | 403 => RegistryError::Unauthorized {
                 host: ctx.host.to_owned(),
                 repository: ctx.repository.to_owned(),
-                object: ctx.object.to_owned(),
+                object: ctx.object.to_string(),
                 status,
                 hint: self.auth_hint(ep),
             },
             _ => RegistryError::Status {
                 host: ctx.host.to_owned(),
                 repository: ctx.repository.to_owned(),
-                object: ctx.object.to_owned(),
+                object: ctx.object.to_string(),
                 status,
                 retry_after: header_str(resp.headers(), RETRY_AFTER.as_str())
                     .and_then(|v| parse_retry_after(v, SystemTime::now())),
@@ -1217,7 +1252,7 @@ fn short_body(ctx: &Ctx<'_>, got: u64, wanted: u64) -> RegistryError {
     RegistryError::Transport {
         host: ctx.host.to_owned(),
         repository: ctx.repository.to_owned(),
-        object: ctx.object.to_owned(),
+        object: ctx.object.to_string(),
         reason: format!("the response ended after {got} of {wanted} bytes"),
     }
 }
