@@ -909,6 +909,28 @@ async fn bearer_token_flow_anonymous() {
     let requests = setup.token_requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].header("authorization"), None);
+
+    // Readers refused together share one token fetch.
+    let (fresh, _) = new_client(options());
+    let blob = fresh.remote_blob(
+        reference.repository().clone(),
+        resolved.layers[0].digest.clone(),
+        resolved.layers[0].size,
+    );
+    let reads =
+        (0..8u64).map(|i| blob.read_range(i * 1000..i * 1000 + 10, FetchPriority::Prefetch));
+    for (i, result) in futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let start = i * 1000;
+        assert_eq!(
+            result.unwrap().as_ref(),
+            &setup.image.layers[0][start..start + 10]
+        );
+    }
+    assert_eq!(setup.token_requests.lock().unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1546,4 +1568,48 @@ async fn hosts_toml_headers_reach_the_mirror() {
         .await
         .unwrap();
     assert_eq!(bytes.as_ref(), &data[10..20]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_mirror_is_skipped_for_a_while() {
+    let (data, digest, _) = blob_fixture();
+    let data = Arc::new(data);
+    let mirror_hits = Arc::new(AtomicU64::new(0));
+    let mirror = {
+        let hits = Arc::clone(&mirror_hits);
+        TestServer::start(handler(move |_req: Request| {
+            hits.fetch_add(1, Ordering::SeqCst);
+            async { Response::new(503) }
+        }))
+        .await
+    };
+    let upstream = {
+        let data = Arc::clone(&data);
+        TestServer::start(handler(move |req: Request| {
+            let data = Arc::clone(&data);
+            async move { serve_range(&data, &req) }
+        }))
+        .await
+    };
+    let hosts = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(hosts.path().join(upstream.host())).unwrap();
+    std::fs::write(
+        hosts.path().join(upstream.host()).join("hosts.toml"),
+        format!("[host.\"http://{}\"]\n", mirror.host()),
+    )
+    .unwrap();
+    let (client, _) = new_client(RegistryOptions {
+        hosts_dir: Some(hosts.path().to_owned()),
+        ..options()
+    });
+    let blob = client.remote_blob(repo_on(&upstream), digest, data.len() as u64);
+    for start in [0u64, 100, 200] {
+        let bytes = blob
+            .read_range(start..start + 50, FetchPriority::OnDemand)
+            .await
+            .unwrap();
+        assert_eq!(bytes.as_ref(), &data[start as usize..start as usize + 50]);
+    }
+    // Tried once, then left alone: a single attempt (no retries on a mirror).
+    assert_eq!(mirror_hits.load(Ordering::SeqCst), 1);
 }

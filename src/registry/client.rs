@@ -22,7 +22,7 @@ use crate::digest::{Digest, DigestWriter};
 use crate::metrics::Metrics;
 
 use super::auth::{
-    Challenge, Credentials, TokenCache, TokenResponse, parse_www_authenticate, pull_scope,
+    Challenge, Credentials, Secret, TokenCache, TokenResponse, parse_www_authenticate, pull_scope,
 };
 use super::docker_config::{self, DockerConfig};
 use super::error::RegistryError;
@@ -104,7 +104,12 @@ struct Endpoint {
     credentials: Option<Credentials>,
     /// Storage URL this host redirected each blob to.
     redirects: RwLock<HashMap<Digest, CachedRedirect>>,
+    /// A mirror that failed transiently is skipped until then (ms since the client's
+    /// epoch), so a dead mirror does not cost every read a failed request.
+    unhealthy_until_ms: AtomicU64,
 }
+
+const MIRROR_COOLDOWN: Duration = Duration::from_secs(30);
 
 /// Beyond this many cached redirects, stale ones are dropped on insert.
 const REDIRECT_CACHE_PRUNE_AT: usize = 1024;
@@ -145,10 +150,10 @@ enum Need {
 }
 
 /// What authorization a request carried.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 enum Sent {
     Nothing,
-    CachedToken,
+    CachedToken(Secret),
     Basic,
     /// Produced by answering a challenge just now.
     Fresh,
@@ -263,6 +268,9 @@ impl Ctx<'_> {
     }
 }
 
+/// One async lock per (host, scope), held while fetching a token.
+type TokenFetchLocks = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
 /// A client for all registries, shared by every image and layer (`Arc`).
 pub struct RegistryClient {
     options: RegistryOptions,
@@ -273,9 +281,13 @@ pub struct RegistryClient {
     endpoints: RwLock<HashMap<String, Arc<[Endpoint]>>>,
     http_clients: Mutex<HashMap<(bool, Vec<PathBuf>), reqwest::Client>>,
     tokens: TokenCache,
+    /// Serialises token fetches per (host, scope).
+    token_fetches: Mutex<TokenFetchLocks>,
     /// Hosts that asked for basic auth: credentials are then sent up front.
     basic_hosts: RwLock<HashSet<String>>,
     warned_full_body: AtomicBool,
+    /// Origin of the millisecond clock in `Endpoint::unhealthy_until_ms`.
+    epoch: Instant,
 }
 
 impl fmt::Debug for RegistryClient {
@@ -316,6 +328,8 @@ impl RegistryClient {
             endpoints: RwLock::default(),
             http_clients: Mutex::default(),
             tokens: TokenCache::default(),
+            token_fetches: Mutex::default(),
+            epoch: Instant::now(),
             basic_hosts: RwLock::default(),
             warned_full_body: AtomicBool::new(false),
         }))
@@ -561,6 +575,7 @@ impl RegistryClient {
                 credentials_key,
                 credentials,
                 redirects: RwLock::default(),
+                unhealthy_until_ms: AtomicU64::new(0),
             });
         }
         let built: Arc<[Endpoint]> = built.into();
@@ -637,12 +652,26 @@ impl RegistryClient {
             });
         };
         for ep in endpoints[..last].iter().filter(|ep| capable(ep)) {
+            let now_ms = self.epoch.elapsed().as_millis() as u64;
+            if ep.unhealthy_until_ms.load(Ordering::Relaxed) > now_ms {
+                continue;
+            }
             match op(ep).await {
                 Ok(value) => return Ok(value),
-                Err(e) => tracing::warn!(
+                Err(e) if e.is_transient() => {
+                    let until = now_ms + MIRROR_COOLDOWN.as_millis() as u64;
+                    ep.unhealthy_until_ms.store(until, Ordering::Relaxed);
+                    tracing::warn!(
+                        mirror = %ep.cfg.host,
+                        error = %e,
+                        cooldown = ?MIRROR_COOLDOWN,
+                        "mirror failed; skipping it for a while"
+                    );
+                }
+                Err(e) => tracing::debug!(
                     mirror = %ep.cfg.host,
                     error = %e,
-                    "mirror failed, trying the next host"
+                    "mirror cannot serve this; trying the next host"
                 ),
             }
         }
@@ -951,7 +980,7 @@ impl RegistryClient {
                 None => match self.tokens.get(&ep.cfg.host, &scope) {
                     Some(token) => {
                         req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
-                        Sent::CachedToken
+                        Sent::CachedToken(token)
                     }
                     None => match &ep.credentials {
                         Some(creds) if self.host_wants_basic(&ep.cfg.host) => {
@@ -978,6 +1007,15 @@ impl RegistryClient {
                 None => return Ok(resp),
             }
         }
+    }
+
+    fn token_fetch_lock(&self, host: &str, scope: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.token_fetches.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            locks
+                .entry((host.to_owned(), scope.to_owned()))
+                .or_default(),
+        )
     }
 
     fn host_wants_basic(&self, host: &str) -> bool {
@@ -1014,7 +1052,15 @@ impl RegistryClient {
             Challenge::Basic { .. } => None,
         });
         if let Some((realm, service, challenge_scope)) = bearer {
-            self.tokens.remove(&ep.cfg.host, scope);
+            // One token fetch per host and scope at a time: readers refused together
+            // share the token the first of them gets.
+            let lock = self.token_fetch_lock(&ep.cfg.host, scope);
+            let _fetching = lock.lock().await;
+            if let Some(current) = self.tokens.get(&ep.cfg.host, scope)
+                && sent != Sent::CachedToken(current.clone())
+            {
+                return Ok(Some(format!("Bearer {}", current.expose())));
+            }
             let token_scope = challenge_scope.as_deref().unwrap_or(scope);
             let (token, lifetime) = self
                 .fetch_token(ep, ctx, realm, service.as_deref(), token_scope, priority)
@@ -1023,7 +1069,7 @@ impl RegistryClient {
             self.tokens.insert(&ep.cfg.host, scope, token, lifetime);
             return Ok(Some(authorization));
         }
-        if sent == Sent::CachedToken {
+        if let Sent::CachedToken(_) = sent {
             // Refused without a new challenge: the token is no good any more.
             self.tokens.remove(&ep.cfg.host, scope);
         }
@@ -1050,7 +1096,7 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
         priority: FetchPriority,
-    ) -> Result<(super::auth::Secret, Duration), RegistryError> {
+    ) -> Result<(Secret, Duration), RegistryError> {
         let token_error = |reason: String, transient: bool| RegistryError::Token {
             host: ctx.host.to_owned(),
             repository: ctx.repository.to_owned(),
