@@ -203,11 +203,23 @@ impl Ctx<'_> {
             reason.push_str(&inner.to_string());
             source = inner.source();
         }
-        RegistryError::Transport {
-            host: self.host.to_owned(),
-            repository: self.repository.to_owned(),
-            object: self.object.to_string(),
-            reason,
+        let host = self.host.to_owned();
+        let repository = self.repository.to_owned();
+        let object = self.object.to_string();
+        if is_tls_failure(&error) {
+            RegistryError::Tls {
+                host,
+                repository,
+                object,
+                reason,
+            }
+        } else {
+            RegistryError::Transport {
+                host,
+                repository,
+                object,
+                reason,
+            }
         }
     }
 
@@ -419,7 +431,13 @@ impl RegistryClient {
             .too_large(MAX_CONFIG_BYTES));
         }
         let config_bytes = self
-            .fetch_blob_with(repo, &config_digest, FetchPriority::Prefetch, retries)
+            .fetch_blob_with(
+                repo,
+                &config_digest,
+                FetchPriority::Prefetch,
+                retries,
+                Some(MAX_CONFIG_BYTES),
+            )
             .await?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
             Ctx {
@@ -456,6 +474,7 @@ impl RegistryClient {
             digest,
             FetchPriority::Prefetch,
             self.options.on_demand_retries,
+            None,
         )
         .await
     }
@@ -532,10 +551,11 @@ impl RegistryClient {
         digest: &Digest,
         priority: FetchPriority,
         retries: u32,
+        limit: Option<u64>,
     ) -> Result<Bytes, RegistryError> {
         let endpoints = self.endpoints(repo.registry())?;
         self.across_endpoints(&endpoints, Need::Pull, retries, |ep| {
-            self.fetch_blob_once(ep, repo, digest, priority)
+            self.fetch_blob_once(ep, repo, digest, priority, limit)
         })
         .await
     }
@@ -756,6 +776,7 @@ impl RegistryClient {
         repo: &Repository,
         digest: &Digest,
         priority: FetchPriority,
+        limit: Option<u64>,
     ) -> Result<Bytes, RegistryError> {
         let ctx = Ctx {
             host: &ep.cfg.host,
@@ -774,7 +795,7 @@ impl RegistryClient {
                 retry_after: None,
             });
         }
-        let bytes = self.read_body(resp, &ctx, None, priority).await?;
+        let bytes = self.read_body(resp, &ctx, limit, priority).await?;
         let mut hasher = DigestWriter::new();
         hasher.update(&bytes);
         let actual = hasher.finish();
@@ -1288,6 +1309,24 @@ impl RegistryClient {
             }
         }
     }
+}
+
+/// A handshake the peer failed (bad certificate, not TLS at all): retrying cannot help.
+/// The TLS stack reports these as `io::ErrorKind::InvalidData` inside the connect error.
+fn is_tls_failure(error: &reqwest::Error) -> bool {
+    if !error.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::InvalidData
+        {
+            return true;
+        }
+        source = inner.source();
+    }
+    false
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
