@@ -1161,7 +1161,7 @@ impl RegistryClient {
             .read_body(resp, ctx, Some(MAX_TOKEN_RESPONSE_BYTES), priority)
             .await?;
         let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| token_error(format!("invalid token response: {e}"), false))?;
+            .map_err(|e| token_error(json_error_without_values("token response", &e), false))?;
         parsed
             .into_token()
             .ok_or_else(|| token_error("the response has no token".into(), false))
@@ -1309,6 +1309,17 @@ impl RegistryClient {
             }
         }
     }
+}
+
+/// Describes a JSON error by kind and position only: serde's message can quote the
+/// offending value, which in a token response may be the token itself.
+pub(crate) fn json_error_without_values(what: &str, error: &serde_json::Error) -> String {
+    format!(
+        "invalid {what} ({:?} error at line {} column {})",
+        error.classify(),
+        error.line(),
+        error.column()
+    )
 }
 
 /// A handshake the peer failed (bad certificate, not TLS at all): retrying cannot help.

@@ -2,6 +2,7 @@
 //! `username`/`password` pair), the file `docker login` writes.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -42,11 +43,14 @@ struct RawAuth {
 
 /// The default location: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
 pub fn default_path() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
+    default_path_from(std::env::var_os("DOCKER_CONFIG"), std::env::var_os("HOME"))
+}
+
+fn default_path_from(docker_config: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
+    if let Some(dir) = docker_config.filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir).join("config.json"));
     }
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
+    home.filter(|h| !h.is_empty())
         .map(|home| PathBuf::from(home).join(".docker").join("config.json"))
 }
 
@@ -92,8 +96,12 @@ impl DockerConfig {
             path: path.to_owned(),
             reason,
         };
-        let raw: RawConfig = serde_json::from_slice(text)
-            .map_err(|e| err(format!("not a valid docker config.json: {e}")))?;
+        let raw: RawConfig = serde_json::from_slice(text).map_err(|e| {
+            err(super::client::json_error_without_values(
+                "docker config.json",
+                &e,
+            ))
+        })?;
         let mut auths = HashMap::new();
         for (key, entry) in raw.auths {
             let registry = normalize_key(&key);
@@ -205,6 +213,26 @@ mod tests {
             let err = DockerConfig::parse(Path::new("/c.json"), bad).unwrap_err();
             assert!(err.to_string().contains("/c.json"), "{err}");
         }
+    }
+
+    #[test]
+    fn default_location() {
+        assert_eq!(
+            default_path_from(Some("/cfg".into()), Some("/root".into())),
+            Some(PathBuf::from("/cfg/config.json"))
+        );
+        assert_eq!(
+            default_path_from(Some("".into()), Some("/root".into())),
+            Some(PathBuf::from("/root/.docker/config.json"))
+        );
+        assert_eq!(default_path_from(None, None), None);
+    }
+
+    #[test]
+    fn errors_never_quote_values() {
+        let text = br#"{"auths": {"h": {"username": "u", "password": 987654}}}"#;
+        let err = DockerConfig::parse(Path::new("/c.json"), text).unwrap_err();
+        assert!(!err.to_string().contains("987654"), "{err}");
     }
 
     #[test]
