@@ -371,7 +371,11 @@ impl Drop for TestServer {
 
 impl TestServer {
     async fn start(handler: Handler) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0", handler).await
+    }
+
+    async fn start_on(bind: &str, handler: Handler) -> Self {
+        let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             loop {
@@ -1612,4 +1616,36 @@ async fn failing_mirror_is_skipped_for_a_while() {
     }
     // Tried once, then left alone: a single attempt (no retries on a mirror).
     assert_eq!(mirror_hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_names_use_plain_http() {
+    let (data, digest, _) = blob_fixture();
+    let data = Arc::new(data);
+    let serve = |data: Arc<Vec<u8>>| {
+        handler(move |req: Request| {
+            let data = Arc::clone(&data);
+            async move { serve_range(&data, &req) }
+        })
+    };
+    let v6 = TestServer::start_on("[::1]:0", serve(Arc::clone(&data))).await;
+    let v4 = TestServer::start(serve(Arc::clone(&data))).await;
+    let (client, _) = new_client(options());
+    for registry in [
+        format!("[::1]:{}", v6.addr.port()),
+        format!("localhost:{}", v4.addr.port()),
+    ] {
+        let reference: ImageReference = format!("{registry}/test/img@{digest}").parse().unwrap();
+        let bytes = client
+            .read_range(
+                reference.repository(),
+                &digest,
+                data.len() as u64,
+                0..64,
+                FetchPriority::OnDemand,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{registry}: {e}"));
+        assert_eq!(bytes.as_ref(), &data[..64]);
+    }
 }

@@ -299,6 +299,23 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_challenges_never_panic() {
+        let alphabet: Vec<char> = "Bearer realm=\"\\,é✓ x".chars().collect();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 48) as usize;
+            let text: String = (0..len)
+                .map(|i| alphabet[((state >> (i % 50)) as usize + i * 11) % alphabet.len()])
+                .collect();
+            let _ = parse_www_authenticate(&text);
+            let _ = parse_www_authenticate(&format!("Bearer {text}"));
+        }
+    }
+
+    #[test]
     fn secrets_are_redacted() {
         let c = Credentials {
             username: "user".into(),
