@@ -1649,3 +1649,123 @@ async fn loopback_names_use_plain_http() {
         assert_eq!(bytes.as_ref(), &data[..64]);
     }
 }
+
+/// Writes an OCI image layout with one real gzip'd tar layer; returns the layer bytes.
+fn write_oci_layout(dir: &Path, tag: &str) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let content = pseudo_random(20_000, 7);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "data.bin", content.as_slice())
+        .unwrap();
+    let tar = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let layer = gz.finish().unwrap();
+
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let digest = Digest::sha256_of(data);
+        std::fs::write(blobs.join(digest.hex()), data).unwrap();
+        digest
+    };
+    put(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [Digest::sha256_of(&tar)]},
+    }))
+    .unwrap();
+    put(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, &config),
+        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &layer)],
+    }))
+    .unwrap();
+    let manifest_digest = put(&manifest);
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": manifest.len(),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    layer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pushed_by_skopeo_as_docker_schema2() {
+    let registry = RealRegistry::start(None).await;
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    let layer = write_oci_layout(&layout, "v1");
+    let policy = work.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    let copy = tokio::process::Command::new("skopeo")
+        .arg("--policy")
+        .arg(&policy)
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--format",
+            "v2s2",
+        ])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{}/test/docker:v1", registry.host()))
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), copy)
+        .await
+        .expect("skopeo copy did not finish")
+        .expect("skopeo must be installed");
+    assert!(
+        output.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let (client, _) = new_client(options());
+    let reference: ImageReference = format!("{}/test/docker:v1", registry.host())
+        .parse()
+        .unwrap();
+    let resolved = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        resolved.manifest_media_type,
+        sluice::registry::manifest::DOCKER_MANIFEST
+    );
+    assert_eq!(resolved.manifest.config.media_type, DOCKER_CONFIG);
+    assert_eq!(resolved.layers.len(), 1);
+    assert_eq!(
+        resolved.layers[0].media_type,
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+    assert_eq!(resolved.layers[0].digest, Digest::sha256_of(&layer));
+    let blob = client.remote_blob(
+        reference.repository().clone(),
+        resolved.layers[0].digest.clone(),
+        resolved.layers[0].size,
+    );
+    let size = layer.len() as u64;
+    let tail = blob
+        .read_range(size - 8..size, FetchPriority::OnDemand)
+        .await
+        .unwrap();
+    assert_eq!(tail.as_ref(), &layer[layer.len() - 8..]);
+}
