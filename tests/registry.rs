@@ -1144,13 +1144,15 @@ async fn hanging_registry_times_out() {
     assert!(err.transient, "{err}");
     assert!(err.reason.contains("no response"), "{err}");
 
-    // A 206 whose body is shorter than the range it claims.
+    // A 206 that declares a body shorter than the range it claims: a broken server,
+    // reported as such rather than retried.
     let blob = client.remote_blob(repo_on(&stall), digest, 100);
     let err = blob
         .read_range(0..10, FetchPriority::OnDemand)
         .await
         .unwrap_err();
-    assert!(err.transient, "{err}");
+    assert!(!err.transient, "{err}");
+    assert!(err.reason.contains("206 with a body of 0 bytes"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1768,4 +1770,36 @@ async fn image_pushed_by_skopeo_as_docker_schema2() {
         .await
         .unwrap();
     assert_eq!(tail.as_ref(), &layer[layer.len() - 8..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_body_is_retried() {
+    // The first answer is cut short after 5 of 10 bytes; the second is whole.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        let mut served = 0;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = read_request(&mut stream).await;
+            let body: &[u8] = if served == 0 { b"01234" } else { b"0123456789" };
+            served += 1;
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 206 X\r\ncontent-range: bytes 0-9/100\r\ncontent-length: 10\r\n\
+                      connection: close\r\n\r\n",
+                )
+                .await;
+            let _ = stream.write_all(body).await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    let (client, metrics) = new_client(options());
+    let (_, digest, _) = blob_fixture();
+    let repo = Repository::new(&host, "test/img").unwrap();
+    let result = client
+        .read_range(&repo, &digest, 100, 0..10, FetchPriority::OnDemand)
+        .await;
+    task.abort();
+    assert_eq!(result.unwrap().as_ref(), b"0123456789");
+    assert_eq!(metrics.on_demand_requests.load(Ordering::Relaxed), 2);
 }

@@ -462,7 +462,8 @@ impl RegistryClient {
         })
     }
 
-    /// Fetches a whole blob and verifies it against `digest`. Counted as prefetch traffic,
+    /// Fetches a whole blob into memory and verifies it against `digest`: meant for
+    /// configs, TOCs and small blobs; read layers by range. Counted as prefetch traffic,
     /// with the on-demand retry budget (someone is waiting for it).
     pub async fn fetch_blob(
         &self,
@@ -846,6 +847,15 @@ impl RegistryClient {
                             range.start,
                             range.end - 1
                         ),
+                    ));
+                }
+                if let Some(length) = resp.content_length()
+                    && length != wanted
+                {
+                    return Err(ctx.bad_range(
+                        digest,
+                        &range,
+                        format!("206 with a body of {length} bytes for {wanted} requested"),
                     ));
                 }
                 let bytes = self.read_body(resp, &ctx, Some(wanted), priority).await?;
