@@ -54,8 +54,21 @@ impl RealRegistry {
 
     /// `tls`: certificate and key files to serve HTTPS with.
     async fn start_with(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Self {
+        // The port is free when picked but another process may take it before the
+        // registry binds it: then the registry exits and we try another port. A nonce
+        // response header proves the probe reached our registry, not someone else's.
+        for _ in 0..5 {
+            if let Some(registry) = Self::try_start(htpasswd, tls).await {
+                return registry;
+            }
+        }
+        panic!("docker-registry did not start");
+    }
+
+    async fn try_start(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let nonce = format!("{}-{port}", std::process::id());
         let auth = match htpasswd {
             Some(line) => {
                 let path = dir.path().join("htpasswd");
@@ -78,7 +91,8 @@ impl RealRegistry {
         let config = format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: sluice-test\n{tls_config}{auth}",
+             http:\n  addr: 127.0.0.1:{port}\n  secret: sluice-test\n\
+             \x20 headers:\n    X-Sluice-Test: [\"{nonce}\"]\n{tls_config}{auth}",
             dir.path().join("data").display()
         );
         let config_path = dir.path().join("config.yml");
@@ -91,7 +105,7 @@ impl RealRegistry {
             .stderr(log)
             .spawn()
             .expect("docker-registry must be installed (Debian package docker-registry)");
-        let registry = Self {
+        let mut registry = Self {
             child,
             port,
             tls: tls.is_some(),
@@ -99,14 +113,20 @@ impl RealRegistry {
         };
         let http = test_http_client();
         for _ in 0..200 {
+            if registry.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
             if let Ok(resp) = http.get(format!("{}/v2/", registry.base())).send().await
-                && (resp.status().is_success() || resp.status() == 401)
+                && resp
+                    .headers()
+                    .get("x-sluice-test")
+                    .is_some_and(|v| v.as_bytes() == nonce.as_bytes())
             {
-                return registry;
+                return Some(registry);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("docker-registry did not start on port {port}");
+        None
     }
 
     fn host(&self) -> String {
