@@ -337,6 +337,7 @@ struct Request {
     method: String,
     path: String,
     headers: Vec<(String, String)>,
+    body: Vec<u8>,
 }
 
 impl Request {
@@ -452,10 +453,24 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Request> {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[header_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
     Some(Request {
         method,
         path,
         headers,
+        body,
     })
 }
 
@@ -773,26 +788,44 @@ async fn token_setup(require_credentials: bool) -> TokenSetup {
     let token_server = {
         let token_requests = Arc::clone(&token_requests);
         let issued = Arc::clone(&issued);
-        TestServer::start(handler(move |req: Request| {
-            token_requests.lock().unwrap().push(req.clone());
-            let expected = format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
-            );
-            let authorised = match req.header("authorization") {
-                Some(auth) => auth == expected,
-                None => !require_credentials,
-            };
-            let n = issued.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if !authorised {
-                    return Response::new(401);
+        TestServer::start(Arc::new(
+            move |req: Request| -> BoxFuture<'static, Response> {
+                token_requests.lock().unwrap().push(req.clone());
+                let expected = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+                );
+                let n = issued.fetch_add(1, Ordering::SeqCst);
+                // OAuth2 refresh-token grant (identity tokens) by POST, else the plain GET.
+                if req.method == "POST" {
+                    let form = String::from_utf8_lossy(&req.body).into_owned();
+                    let fields: Vec<&str> = form.split('&').collect();
+                    let valid = fields.contains(&"grant_type=refresh_token")
+                        && fields.contains(&"refresh_token=refresh-xyz")
+                        && fields.contains(&"scope=repository%3Atest%2Fimg%3Apull");
+                    return Box::pin(async move {
+                        if !valid {
+                            return Response::new(401);
+                        }
+                        Response::new(200)
+                            .header("content-type", "application/json")
+                            .body(format!(r#"{{"access_token":"tok-{n}","expires_in":300}}"#))
+                    });
                 }
-                Response::new(200)
-                    .header("content-type", "application/json")
-                    .body(format!(r#"{{"token":"tok-{n}","expires_in":300}}"#))
-            }
-        }))
+                let authorised = match req.header("authorization") {
+                    Some(auth) => auth == expected,
+                    None => !require_credentials,
+                };
+                Box::pin(async move {
+                    if !authorised {
+                        return Response::new(401);
+                    }
+                    Response::new(200)
+                        .header("content-type", "application/json")
+                        .body(format!(r#"{{"token":"tok-{n}","expires_in":300}}"#))
+                })
+            },
+        ))
         .await
     };
     let realm = format!("http://{}/token", token_server.host());
@@ -1822,4 +1855,41 @@ async fn truncated_body_is_retried() {
     task.abort();
     assert_eq!(result.unwrap().as_ref(), b"0123456789");
     assert_eq!(metrics.on_demand_requests.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_flow_with_identity_token() {
+    // The token server refuses anonymous GETs: only the refresh-token POST can succeed.
+    let setup = token_setup(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&serde_json::json!({"auths": {setup.gate.host(): {
+            "auth": base64::engine::general_purpose::STANDARD
+                .encode("00000000-0000-0000-0000-000000000000:"),
+            "identitytoken": "refresh-xyz",
+        }}}))
+        .unwrap(),
+    )
+    .unwrap();
+    let (client, _) = new_client(RegistryOptions {
+        docker_config: Some(config),
+        ..options()
+    });
+    let reference: ImageReference = format!("{}/test/img:v1", setup.gate.host())
+        .parse()
+        .unwrap();
+    let resolved = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest_digest, setup.image.manifest_digest);
+    let requests = setup.token_requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].method, "POST");
+    assert_eq!(
+        requests[0].header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
 }

@@ -35,6 +35,9 @@ impl fmt::Debug for Secret {
 pub struct Credentials {
     pub username: String,
     pub password: Secret,
+    /// OAuth2 refresh token (`identitytoken` in config.json) from registries whose login
+    /// issues one; exchanged for access tokens instead of the password.
+    pub identity_token: Option<Secret>,
 }
 
 impl fmt::Debug for Credentials {
@@ -42,6 +45,7 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("username", &self.username)
             .field("password", &self.password)
+            .field("identity_token", &self.identity_token)
             .finish()
     }
 }
@@ -320,10 +324,11 @@ mod tests {
         let c = Credentials {
             username: "user".into(),
             password: Secret::new("hunter2"),
+            identity_token: Some(Secret::new("refresh-me")),
         };
         let shown = format!("{c:?}");
         assert!(shown.contains("user"));
-        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("hunter2") && !shown.contains("refresh-me"));
         assert_eq!(c.basic_header(), "Basic dXNlcjpodW50ZXIy");
     }
 

@@ -1136,23 +1136,62 @@ impl RegistryClient {
             reason,
             transient,
         };
-        let mut url = Url::parse(realm)
+        let realm_url = Url::parse(realm)
             .map_err(|e| token_error(format!("the realm is not a valid URL: {e}"), false))?;
-        if !matches!(url.scheme(), "http" | "https") {
+        if !matches!(realm_url.scheme(), "http" | "https") {
             return Err(token_error("the realm is not an http(s) URL".into(), false));
         }
+        let mut resp = None;
+        if let Some(refresh) = ep
+            .credentials
+            .as_ref()
+            .and_then(|c| c.identity_token.as_ref())
         {
-            let mut query = url.query_pairs_mut();
-            if let Some(service) = service {
-                query.append_pair("service", service);
+            // OAuth2 refresh-token grant, as docker does for `identitytoken` logins.
+            let mut form = realm_url.clone();
+            form.set_query(None);
+            {
+                let mut pairs = form.query_pairs_mut();
+                pairs.append_pair("grant_type", "refresh_token");
+                pairs.append_pair("refresh_token", refresh.expose());
+                pairs.append_pair("client_id", "sluice");
+                if let Some(service) = service {
+                    pairs.append_pair("service", service);
+                }
+                pairs.append_pair("scope", scope);
             }
-            query.append_pair("scope", scope);
+            let body = form.query().unwrap_or_default().to_owned();
+            let req = ep
+                .http
+                .post(realm_url.clone())
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(body);
+            let answer = self.execute(req, ctx, priority).await?;
+            // A token server without OAuth2 support: fall back to the plain GET.
+            if !matches!(answer.status().as_u16(), 404 | 405) {
+                resp = Some(answer);
+            }
         }
-        let mut req = ep.http.get(url);
-        if let Some(creds) = &ep.credentials {
-            req = req.header(AUTHORIZATION, creds.basic_header());
-        }
-        let resp = self.execute(req, ctx, priority).await?;
+        let resp = match resp {
+            Some(resp) => resp,
+            None => {
+                let mut url = realm_url;
+                {
+                    let mut query = url.query_pairs_mut();
+                    if let Some(service) = service {
+                        query.append_pair("service", service);
+                    }
+                    query.append_pair("scope", scope);
+                }
+                let mut req = ep.http.get(url);
+                if let Some(creds) = &ep.credentials
+                    && !creds.username.is_empty()
+                {
+                    req = req.header(AUTHORIZATION, creds.basic_header());
+                }
+                self.execute(req, ctx, priority).await?
+            }
+        };
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(RegistryError::Unauthorized {

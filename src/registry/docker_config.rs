@@ -39,6 +39,8 @@ struct RawAuth {
     username: Option<String>,
     #[serde(default)]
     password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
 }
 
 /// The default location: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
@@ -105,6 +107,10 @@ impl DockerConfig {
         let mut auths = HashMap::new();
         for (key, entry) in raw.auths {
             let registry = normalize_key(&key);
+            let identity_token = entry
+                .identitytoken
+                .filter(|t| !t.is_empty())
+                .map(Secret::new);
             let creds = match (entry.auth.filter(|a| !a.is_empty()), entry.username) {
                 (Some(auth), _) => {
                     let decoded = base64::engine::general_purpose::STANDARD
@@ -120,11 +126,18 @@ impl DockerConfig {
                     Credentials {
                         username: user.to_owned(),
                         password: Secret::new(pass),
+                        identity_token,
                     }
                 }
                 (None, Some(username)) if !username.is_empty() => Credentials {
                     username,
                     password: Secret::new(entry.password.unwrap_or_default()),
+                    identity_token,
+                },
+                (None, _) if identity_token.is_some() => Credentials {
+                    username: String::new(),
+                    password: Secret::new(""),
+                    identity_token,
                 },
                 // An empty entry (e.g. left by a credsStore login) carries no credentials.
                 _ => continue,
@@ -177,7 +190,9 @@ mod tests {
             "https://index.docker.io/v1/": {"auth": "aHViOnB3MQ=="},
             "127.0.0.1:5000": {"username": "u", "password": "p:w"},
             "http://Reg.Example:443/v2/": {"auth": "YTpiOmM="},
-            "empty.example": {}
+            "empty.example": {},
+            "acr.example": {"auth": "MDAwMDAwMDAtMDAwMC0wMDAwLTAwMDAtMDAwMDAwMDAwMDAwOg==", "identitytoken": "rt-1"},
+            "idonly.example": {"identitytoken": "rt-2"}
           },
           "credHelpers": {"gcr.io": "gcloud"}
         }"#;
@@ -196,6 +211,12 @@ mod tests {
             ("a", "b:c")
         );
         assert!(cfg.credentials_for("empty.example").is_none());
+        let acr = cfg.credentials_for("acr.example").unwrap();
+        assert_eq!(acr.username, "00000000-0000-0000-0000-000000000000");
+        assert_eq!(acr.identity_token.as_ref().unwrap().expose(), "rt-1");
+        let id_only = cfg.credentials_for("idonly.example").unwrap();
+        assert_eq!(id_only.identity_token.as_ref().unwrap().expose(), "rt-2");
+        assert!(local.identity_token.is_none());
         assert!(cfg.credentials_for("127.0.0.1:5001").is_none());
         assert_eq!(cfg.helper_for("gcr.io"), Some("gcloud"));
         assert_eq!(cfg.helper_for("quay.io"), None);
