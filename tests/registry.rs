@@ -751,6 +751,59 @@ async fn basic_auth_with_docker_config() {
     assert!(text.contains(&bad.display().to_string()), "{text}");
     assert!(!text.contains("wrong-secret") && !format!("{err:?}").contains("wrong-secret"));
 
+    // Credentials from a credential helper named in credHelpers.
+    let helper_dir = tempfile::tempdir().unwrap();
+    let helper = helper_dir.path().join("docker-credential-sluicetest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n\
+             if [ \"$1\" = get ] && [ \"$server\" = \"{}\" ]; then\n\
+             printf '{{\"ServerURL\":\"%s\",\"Username\":\"user\",\"Secret\":\"pass\"}}' \"$server\"\n\
+             else echo 'credentials not found in native keychain'; exit 1; fi\n",
+            registry.host()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let helper_config = helper_dir.path().join("config.json");
+    std::fs::write(
+        &helper_config,
+        serde_json::to_vec(&serde_json::json!({"credHelpers": {registry.host(): "sluicetest"}}))
+            .unwrap(),
+    )
+    .unwrap();
+    let (helped, _) = new_client(RegistryOptions {
+        docker_config: Some(helper_config.clone()),
+        credential_helper_dir: Some(helper_dir.path().to_owned()),
+        ..options()
+    });
+    let resolved = helped
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest_digest, image.manifest_digest);
+
+    // A helper that knows nothing about this registry (credsStore for every host).
+    let store_config = helper_dir.path().join("store.json");
+    std::fs::write(&store_config, r#"{"credsStore": "sluicetest"}"#).unwrap();
+    let other = RealRegistry::start(Some(std::str::from_utf8(&htpasswd.stdout).unwrap())).await;
+    let (stored, _) = new_client(RegistryOptions {
+        docker_config: Some(store_config),
+        credential_helper_dir: Some(helper_dir.path().to_owned()),
+        ..options()
+    });
+    let other_ref: ImageReference = format!("{}/test/img:v1", other.host()).parse().unwrap();
+    let err = stored
+        .resolve(&other_ref, &Platform::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
+    assert!(
+        err.to_string().contains("docker-credential-sluicetest"),
+        "{err}"
+    );
+
     // No credentials at all.
     let (anonymous, _) = new_client(options());
     let err = anonymous

@@ -52,6 +52,9 @@ pub struct RegistryOptions {
     /// Docker config with credentials; `None` means `$DOCKER_CONFIG/config.json` or
     /// `~/.docker/config.json` if it exists. An explicit path must exist.
     pub docker_config: Option<PathBuf>,
+    /// Where to find `docker-credential-<name>` programs named by `credHelpers` /
+    /// `credsStore`; `None` searches `PATH` (daemons often run with a short one).
+    pub credential_helper_dir: Option<PathBuf>,
     /// Limit for connecting, for the response headers, and for each pause while the body
     /// streams in. A registry that stops answering fails within this time per attempt.
     pub request_timeout: Duration,
@@ -69,6 +72,7 @@ impl Default for RegistryOptions {
             plain_http: false,
             hosts_dir: None,
             docker_config: None,
+            credential_helper_dir: None,
             request_timeout: Duration::from_secs(30),
             on_demand_retries: 5,
             background_retries: 2,
@@ -101,7 +105,11 @@ struct Endpoint {
     http: reqwest::Client,
     /// Registry name credentials are looked up by.
     credentials_key: String,
+    /// From `auths` in the docker config.
     credentials: Option<Credentials>,
+    /// Otherwise the credential helper to ask, once, when the host asks for credentials.
+    helper: Option<String>,
+    helper_credentials: tokio::sync::OnceCell<Option<Credentials>>,
     /// Storage URL this host redirected each blob to.
     redirects: RwLock<HashMap<Digest, CachedRedirect>>,
     /// A mirror that failed transiently is skipped until then (ms since the client's
@@ -590,11 +598,21 @@ impl RegistryClient {
                 .as_ref()
                 .and_then(|c| c.credentials_for(&credentials_key))
                 .cloned();
+            let helper = match credentials {
+                Some(_) => None,
+                None => self
+                    .docker_config
+                    .as_ref()
+                    .and_then(|c| c.helper_for(&credentials_key))
+                    .map(str::to_owned),
+            };
             built.push(Endpoint {
                 cfg,
                 http,
                 credentials_key,
                 credentials,
+                helper,
+                helper_credentials: tokio::sync::OnceCell::new(),
                 redirects: RwLock::default(),
                 unhealthy_until_ms: AtomicU64::new(0),
             });
@@ -1013,13 +1031,16 @@ impl RegistryClient {
                         req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
                         Sent::CachedToken(token)
                     }
-                    None => match &ep.credentials {
-                        Some(creds) if self.host_wants_basic(&ep.cfg.host) => {
-                            req = req.header(AUTHORIZATION, creds.basic_header());
-                            Sent::Basic
+                    None if self.host_wants_basic(&ep.cfg.host) => {
+                        match self.credentials(ep).await? {
+                            Some(creds) => {
+                                req = req.header(AUTHORIZATION, creds.basic_header());
+                                Sent::Basic
+                            }
+                            None => Sent::Nothing,
                         }
-                        _ => Sent::Nothing,
-                    },
+                    }
+                    None => Sent::Nothing,
                 },
             };
             let resp = self.execute(req, ctx, priority).await?;
@@ -1047,6 +1068,127 @@ impl RegistryClient {
                 .entry((host.to_owned(), scope.to_owned()))
                 .or_default(),
         )
+    }
+
+    /// The credentials for a host: from `auths`, else from its credential helper (asked
+    /// once; a failed run is not remembered, so it is asked again next time).
+    async fn credentials<'e>(
+        &self,
+        ep: &'e Endpoint,
+    ) -> Result<Option<&'e Credentials>, RegistryError> {
+        if let Some(creds) = &ep.credentials {
+            return Ok(Some(creds));
+        }
+        let Some(helper) = &ep.helper else {
+            return Ok(None);
+        };
+        let creds = ep
+            .helper_credentials
+            .get_or_try_init(|| self.run_credential_helper(helper, &ep.credentials_key))
+            .await?;
+        Ok(creds.as_ref())
+    }
+
+    /// Runs `docker-credential-<helper> get` (the docker credential-helper protocol: the
+    /// server on stdin, `{"Username","Secret"}` on stdout). A helper that exits with an
+    /// error has no credentials for the server; one that cannot be started is an error.
+    async fn run_credential_helper(
+        &self,
+        helper: &str,
+        registry: &str,
+    ) -> Result<Option<Credentials>, RegistryError> {
+        let config_path = self
+            .docker_config
+            .as_ref()
+            .map(|c| c.path().to_owned())
+            .unwrap_or_default();
+        let fail = |reason: String| RegistryError::Config {
+            path: config_path.clone(),
+            reason,
+        };
+        if helper.is_empty()
+            || !helper
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            || helper.starts_with('.')
+        {
+            return Err(fail(format!(
+                "credential helper name {helper:?} may only contain letters, digits, '-', '_' and '.'"
+            )));
+        }
+        let name = format!("docker-credential-{helper}");
+        let program = match &self.options.credential_helper_dir {
+            Some(dir) => dir.join(&name),
+            None => PathBuf::from(&name),
+        };
+        let server = if registry == super::reference::DOCKER_HUB {
+            "https://index.docker.io/v1/"
+        } else {
+            registry
+        };
+        let mut child = tokio::process::Command::new(&program)
+            .arg("get")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                fail(format!(
+                    "cannot run credential helper {} for {registry}: {e}; install it or \
+                     put the credentials under \"auths\"",
+                    program.display()
+                ))
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use tokio::io::AsyncWriteExt as _;
+            // A helper that exits without reading its input is handled by its exit status.
+            let _ = stdin.write_all(server.as_bytes()).await;
+        }
+        let output = tokio::time::timeout(self.options.request_timeout, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "credential helper {name} did not answer for {registry} within {:?}",
+                    self.options.request_timeout
+                ))
+            })?
+            .map_err(|e| {
+                fail(format!(
+                    "credential helper {name} failed for {registry}: {e}"
+                ))
+            })?;
+        if !output.status.success() {
+            tracing::info!(%registry, helper = %name, status = %output.status, "credential helper has no credentials; continuing anonymously");
+            return Ok(None);
+        }
+        #[derive(serde::Deserialize)]
+        struct HelperAnswer {
+            #[serde(rename = "Username")]
+            username: String,
+            #[serde(rename = "Secret")]
+            secret: String,
+        }
+        let answer: HelperAnswer = serde_json::from_slice(&output.stdout).map_err(|e| {
+            fail(format!(
+                "credential helper {name} for {registry}: {}",
+                json_error_without_values("answer", &e)
+            ))
+        })?;
+        // Docker's convention: user `<token>` means the secret is an identity token.
+        Ok(Some(if answer.username == "<token>" {
+            Credentials {
+                username: String::new(),
+                password: Secret::new(""),
+                identity_token: Some(Secret::new(answer.secret)),
+            }
+        } else {
+            Credentials {
+                username: answer.username,
+                password: Secret::new(answer.secret),
+                identity_token: None,
+            }
+        }))
     }
 
     fn host_wants_basic(&self, host: &str) -> bool {
@@ -1107,8 +1249,11 @@ impl RegistryClient {
         let wants_basic = challenges
             .iter()
             .any(|c| matches!(c, Challenge::Basic { .. }));
-        match &ep.credentials {
-            Some(creds) if wants_basic && sent != Sent::Basic && sent != Sent::Fresh => {
+        if !wants_basic || sent == Sent::Basic || sent == Sent::Fresh {
+            return Ok(None);
+        }
+        match self.credentials(ep).await? {
+            Some(creds) => {
                 self.basic_hosts
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
@@ -1141,12 +1286,9 @@ impl RegistryClient {
         if !matches!(realm_url.scheme(), "http" | "https") {
             return Err(token_error("the realm is not an http(s) URL".into(), false));
         }
+        let credentials = self.credentials(ep).await?;
         let mut resp = None;
-        if let Some(refresh) = ep
-            .credentials
-            .as_ref()
-            .and_then(|c| c.identity_token.as_ref())
-        {
+        if let Some(refresh) = credentials.and_then(|c| c.identity_token.as_ref()) {
             // OAuth2 refresh-token grant, as docker does for `identitytoken` logins.
             let mut form = realm_url.clone();
             form.set_query(None);
@@ -1184,7 +1326,7 @@ impl RegistryClient {
                     query.append_pair("scope", scope);
                 }
                 let mut req = ep.http.get(url);
-                if let Some(creds) = &ep.credentials
+                if let Some(creds) = credentials
                     && !creds.username.is_empty()
                 {
                     req = req.header(AUTHORIZATION, creds.basic_header());
@@ -1334,15 +1476,23 @@ impl RegistryClient {
         match (&self.docker_config, &self.docker_config_path) {
             (Some(config), _) => {
                 let path = config.path().display();
+                let from_helper = ep.helper_credentials.get().is_some_and(Option::is_some);
                 if ep.credentials.is_some() {
                     format!(
                         "check credentials for {key} in {path}, and that they may pull this repository"
                     )
-                } else if let Some(helper) = config.helper_for(key) {
-                    format!(
-                        "credentials for {key} are kept by credential helper {helper:?}, which sluice does not run; \
-                         add them under \"auths\" in {path}"
-                    )
+                } else if let Some(helper) = &ep.helper {
+                    if from_helper {
+                        format!(
+                            "check the credentials for {key} kept by docker-credential-{helper} \
+                             (named in {path}), and that they may pull this repository"
+                        )
+                    } else {
+                        format!(
+                            "docker-credential-{helper} (named in {path}) has no credentials for {key}: \
+                             log in with docker login {key}"
+                        )
+                    }
                 } else {
                     format!(
                         "no credentials for {key} in {path}: add them (docker login {key}) or check the repository name"
