@@ -1637,20 +1637,25 @@ async fn tls_with_hosts_toml_ca_and_skip_verify() {
 async fn hosts_toml_headers_reach_the_mirror() {
     let (data, digest, _) = blob_fixture();
     let data = Arc::new(data);
+    let upstream = format!("127.0.0.1:{}", free_port());
     let mirror = {
         let data = Arc::clone(&data);
+        let upstream = upstream.clone();
         TestServer::start(handler(move |req: Request| {
             let data = Arc::clone(&data);
+            let upstream = upstream.clone();
             async move {
                 if req.header("x-mirror-key") != Some("k1") {
                     return Response::new(403);
+                }
+                if !req.path.ends_with(&format!("?ns={upstream}")) {
+                    return Response::new(400);
                 }
                 serve_range(&data, &req)
             }
         }))
         .await
     };
-    let upstream = format!("127.0.0.1:{}", free_port());
     let hosts = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(hosts.path().join(&upstream)).unwrap();
     std::fs::write(

@@ -107,6 +107,9 @@ struct Endpoint {
     credentials_key: String,
     /// From `auths` in the docker config.
     credentials: Option<Credentials>,
+    /// `?ns=<registry>` on mirrors, as containerd sends it, so a mirror serving several
+    /// upstreams knows which one is meant; empty for the registry itself.
+    query: String,
     /// Otherwise the credential helper to ask, once, when the host asks for credentials.
     helper: Option<String>,
     helper_credentials: tokio::sync::OnceCell<Option<Credentials>>,
@@ -588,6 +591,7 @@ impl RegistryClient {
         let mut built = Vec::with_capacity(configs.len());
         for cfg in configs {
             let http = self.http_client(&cfg)?;
+            let cfg_is_mirror = cfg.is_mirror;
             let credentials_key = if cfg.is_mirror {
                 cfg.host.clone()
             } else {
@@ -611,6 +615,11 @@ impl RegistryClient {
                 http,
                 credentials_key,
                 credentials,
+                query: if cfg_is_mirror {
+                    format!("?ns={registry}")
+                } else {
+                    String::new()
+                },
                 helper,
                 helper_credentials: tokio::sync::OnceCell::new(),
                 redirects: RwLock::default(),
@@ -756,10 +765,11 @@ impl RegistryClient {
             object: Object::Manifest(reference),
         };
         let url = format!(
-            "{}/{}/manifests/{}",
+            "{}/{}/manifests/{}{}",
             ep.cfg.api_base,
             repo.name(),
-            reference
+            reference,
+            ep.query
         );
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
@@ -949,7 +959,13 @@ impl RegistryClient {
             }
         }
 
-        let url = format!("{}/{}/blobs/{}", ep.cfg.api_base, repo.name(), digest);
+        let url = format!(
+            "{}/{}/blobs/{}{}",
+            ep.cfg.api_base,
+            repo.name(),
+            digest,
+            ep.query
+        );
         let mut headers = HeaderMap::new();
         if let Some(r) = &range_header {
             headers.insert(
