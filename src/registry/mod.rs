@@ -34,7 +34,8 @@
 //!   hosts with `resolve`, digests and blobs hosts with `pull`. A mirror gets one attempt
 //!   and, after a transient failure, is skipped for 30 s; the last host gets the retries.
 //!   Without hosts.toml, loopback registries (`127.0.0.0/8`, `::1`, `localhost`) use
-//!   `http://`, others `https://` unless `plain_http`.
+//!   `http://`, others `https://` unless `plain_http`. Mirror requests carry
+//!   `?ns=<registry>` as containerd's do.
 //! - **Auth**: requests go out anonymously (or with a cached token / basic credentials);
 //!   a 401/403 with a `WWW-Authenticate` challenge triggers one authentication (bearer
 //!   token from the realm, with basic credentials or an identity token when configured;
