@@ -14,6 +14,7 @@ use base64::Engine as _;
 use futures::future::BoxFuture;
 use sluice::digest::Digest;
 use sluice::metrics::Metrics;
+use sluice::registry::auth::Credentials;
 use sluice::registry::manifest::{DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST};
 use sluice::registry::{
     BlobSource, Descriptor, FetchPriority, ImageReference, Platform, RegistryClient, RegistryError,
@@ -750,6 +751,32 @@ async fn basic_auth_with_docker_config() {
     assert!(text.contains("test/img"), "{text}");
     assert!(text.contains(&bad.display().to_string()), "{text}");
     assert!(!text.contains("wrong-secret") && !format!("{err:?}").contains("wrong-secret"));
+
+    // Credentials given in the options win over the docker config.
+    let mut configured = std::collections::HashMap::new();
+    configured.insert(registry.host(), Credentials::basic("user", "pass"));
+    let (with_options, _) = new_client(RegistryOptions {
+        docker_config: Some(bad.clone()),
+        credentials: configured,
+        ..options()
+    });
+    let resolved = with_options
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest_digest, image.manifest_digest);
+    let mut wrong = std::collections::HashMap::new();
+    wrong.insert(registry.host(), Credentials::basic("user", "nope"));
+    let (wrong_options, _) = new_client(RegistryOptions {
+        credentials: wrong,
+        ..options()
+    });
+    let err = wrong_options
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
+    assert!(err.to_string().contains("registry settings"), "{err}");
 
     // Credentials from a credential helper named in credHelpers.
     let helper_dir = tempfile::tempdir().unwrap();
@@ -1950,4 +1977,67 @@ async fn bearer_token_flow_with_identity_token() {
         requests[0].header("content-type"),
         Some("application/x-www-form-urlencoded")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_registry_token_is_sent_as_is() {
+    let (data, digest, _) = blob_fixture();
+    let data = Arc::new(data);
+    let hits = Arc::new(AtomicU64::new(0));
+    let server = {
+        let data = Arc::clone(&data);
+        let hits = Arc::clone(&hits);
+        TestServer::start(handler(move |req: Request| {
+            hits.fetch_add(1, Ordering::SeqCst);
+            let data = Arc::clone(&data);
+            async move {
+                if req.header("authorization") != Some("Bearer static-abc") {
+                    // A realm nobody serves: the client must not go looking for a token.
+                    return Response::new(401).header(
+                        "www-authenticate",
+                        r#"Bearer realm="http://127.0.0.1:1/token",service="x""#,
+                    );
+                }
+                serve_range(&data, &req)
+            }
+        }))
+        .await
+    };
+    let with_token = |token: &str| {
+        let mut credentials = std::collections::HashMap::new();
+        credentials.insert(server.host(), Credentials::with_registry_token(token));
+        new_client(RegistryOptions {
+            credentials,
+            ..options()
+        })
+        .0
+    };
+    let repo = repo_on(&server);
+    let good = with_token("static-abc");
+    let bytes = good
+        .read_range(
+            &repo,
+            &digest,
+            data.len() as u64,
+            5..15,
+            FetchPriority::OnDemand,
+        )
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), &data[5..15]);
+    assert_eq!(hits.swap(0, Ordering::SeqCst), 1);
+
+    let bad = with_token("static-wrong");
+    let err = bad
+        .read_range(
+            &repo,
+            &digest,
+            data.len() as u64,
+            5..15,
+            FetchPriority::OnDemand,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
 }

@@ -10,7 +10,7 @@ use base64::Engine as _;
 
 /// A password or token. `Debug` and `Display` are redacted so a secret cannot leak into
 /// logs or error messages by accident.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
 
 impl Secret {
@@ -30,14 +30,16 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A user name and password for one registry.
-#[derive(Clone, PartialEq, Eq)]
+/// How to authenticate to one registry: a user name and password, and/or a token.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Credentials {
     pub username: String,
     pub password: Secret,
     /// OAuth2 refresh token (`identitytoken` in config.json) from registries whose login
     /// issues one; exchanged for access tokens instead of the password.
     pub identity_token: Option<Secret>,
+    /// A bearer token sent as is (`registrytoken` in config.json), no token server.
+    pub registry_token: Option<Secret>,
 }
 
 impl fmt::Debug for Credentials {
@@ -46,11 +48,27 @@ impl fmt::Debug for Credentials {
             .field("username", &self.username)
             .field("password", &self.password)
             .field("identity_token", &self.identity_token)
+            .field("registry_token", &self.registry_token)
             .finish()
     }
 }
 
 impl Credentials {
+    pub fn basic(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            username: username.into(),
+            password: Secret::new(password),
+            ..Self::default()
+        }
+    }
+
+    pub fn with_registry_token(token: impl Into<String>) -> Self {
+        Self {
+            registry_token: Some(Secret::new(token)),
+            ..Self::default()
+        }
+    }
+
     /// The value of an `Authorization: Basic` header.
     pub fn basic_header(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password.expose());
@@ -325,10 +343,12 @@ mod tests {
             username: "user".into(),
             password: Secret::new("hunter2"),
             identity_token: Some(Secret::new("refresh-me")),
+            registry_token: Some(Secret::new("static-me")),
         };
         let shown = format!("{c:?}");
         assert!(shown.contains("user"));
         assert!(!shown.contains("hunter2") && !shown.contains("refresh-me"));
+        assert!(!shown.contains("static-me"));
         assert_eq!(c.basic_header(), "Basic dXNlcjpodW50ZXIy");
     }
 

@@ -52,6 +52,9 @@ pub struct RegistryOptions {
     /// Docker config with credentials; `None` means `$DOCKER_CONFIG/config.json` or
     /// `~/.docker/config.json` if it exists. An explicit path must exist.
     pub docker_config: Option<PathBuf>,
+    /// Credentials by registry (`host[:port]`, `docker.io`), used before the docker
+    /// config.
+    pub credentials: HashMap<String, Credentials>,
     /// Where to find `docker-credential-<name>` programs named by `credHelpers` /
     /// `credsStore`; `None` searches `PATH` (daemons often run with a short one).
     pub credential_helper_dir: Option<PathBuf>,
@@ -72,6 +75,7 @@ impl Default for RegistryOptions {
             plain_http: false,
             hosts_dir: None,
             docker_config: None,
+            credentials: HashMap::new(),
             credential_helper_dir: None,
             request_timeout: Duration::from_secs(30),
             on_demand_retries: 5,
@@ -165,6 +169,8 @@ enum Need {
 enum Sent {
     Nothing,
     CachedToken(Secret),
+    /// The configured static bearer token: if it is refused, nothing else will do.
+    RegistryToken,
     Basic,
     /// Produced by answering a challenge just now.
     Fresh,
@@ -598,9 +604,12 @@ impl RegistryClient {
                 registry.to_owned()
             };
             let credentials = self
-                .docker_config
-                .as_ref()
-                .and_then(|c| c.credentials_for(&credentials_key))
+                .configured_credentials(&credentials_key)
+                .or_else(|| {
+                    self.docker_config
+                        .as_ref()
+                        .and_then(|c| c.credentials_for(&credentials_key))
+                })
                 .cloned();
             let helper = match credentials {
                 Some(_) => None,
@@ -1037,6 +1046,10 @@ impl RegistryClient {
             for (name, value) in &ep.cfg.headers {
                 req = req.header(name.as_str(), value.as_str());
             }
+            let registry_token = ep
+                .credentials
+                .as_ref()
+                .and_then(|c| c.registry_token.as_ref());
             let sent = match fresh_authorization.take() {
                 Some(authorization) => {
                     req = req.header(AUTHORIZATION, authorization);
@@ -1046,6 +1059,11 @@ impl RegistryClient {
                     Some(token) => {
                         req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
                         Sent::CachedToken(token)
+                    }
+                    None if registry_token.is_some() => {
+                        let token = registry_token.map(Secret::expose).unwrap_or_default();
+                        req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+                        Sent::RegistryToken
                     }
                     None if self.host_wants_basic(&ep.cfg.host) => {
                         match self.credentials(ep).await? {
@@ -1194,16 +1212,11 @@ impl RegistryClient {
         // Docker's convention: user `<token>` means the secret is an identity token.
         Ok(Some(if answer.username == "<token>" {
             Credentials {
-                username: String::new(),
-                password: Secret::new(""),
                 identity_token: Some(Secret::new(answer.secret)),
+                ..Credentials::default()
             }
         } else {
-            Credentials {
-                username: answer.username,
-                password: Secret::new(answer.secret),
-                identity_token: None,
-            }
+            Credentials::basic(answer.username, answer.secret)
         }))
     }
 
@@ -1225,6 +1238,9 @@ impl RegistryClient {
         sent: Sent,
         priority: FetchPriority,
     ) -> Result<Option<String>, RegistryError> {
+        if sent == Sent::RegistryToken {
+            return Ok(None);
+        }
         let challenges: Vec<Challenge> = resp
             .headers()
             .get_all(WWW_AUTHENTICATE)
@@ -1486,9 +1502,25 @@ impl RegistryClient {
         }
     }
 
+    /// Credentials given in the options for `registry`.
+    fn configured_credentials(&self, registry: &str) -> Option<&Credentials> {
+        let wanted = docker_config::normalize_key(registry);
+        self.options
+            .credentials
+            .iter()
+            .find(|(key, _)| docker_config::normalize_key(key) == wanted)
+            .map(|(_, creds)| creds)
+    }
+
     /// What to do about a refused request, given what credentials we had.
     fn auth_hint(&self, ep: &Endpoint) -> String {
         let key = &ep.credentials_key;
+        if self.configured_credentials(key).is_some() {
+            return format!(
+                "check the credentials configured for {key} in sluice's registry settings, \
+                 and that they may pull this repository"
+            );
+        }
         match (&self.docker_config, &self.docker_config_path) {
             (Some(config), _) => {
                 let path = config.path().display();

@@ -41,6 +41,8 @@ struct RawAuth {
     password: Option<String>,
     #[serde(default)]
     identitytoken: Option<String>,
+    #[serde(default)]
+    registrytoken: Option<String>,
 }
 
 /// The default location: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
@@ -57,7 +59,7 @@ fn default_path_from(docker_config: Option<OsString>, home: Option<OsString>) ->
 }
 
 /// `https://index.docker.io/v1/`, `http://host:5000/v2`, `host:5000` → a registry name.
-fn normalize_key(key: &str) -> String {
+pub(crate) fn normalize_key(key: &str) -> String {
     let without_scheme = key
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
@@ -111,6 +113,10 @@ impl DockerConfig {
                 .identitytoken
                 .filter(|t| !t.is_empty())
                 .map(Secret::new);
+            let registry_token = entry
+                .registrytoken
+                .filter(|t| !t.is_empty())
+                .map(Secret::new);
             let creds = match (entry.auth.filter(|a| !a.is_empty()), entry.username) {
                 (Some(auth), _) => {
                     let decoded = base64::engine::general_purpose::STANDARD
@@ -127,17 +133,19 @@ impl DockerConfig {
                         username: user.to_owned(),
                         password: Secret::new(pass),
                         identity_token,
+                        registry_token,
                     }
                 }
                 (None, Some(username)) if !username.is_empty() => Credentials {
                     username,
                     password: Secret::new(entry.password.unwrap_or_default()),
                     identity_token,
+                    registry_token,
                 },
-                (None, _) if identity_token.is_some() => Credentials {
-                    username: String::new(),
-                    password: Secret::new(""),
+                (None, _) if identity_token.is_some() || registry_token.is_some() => Credentials {
                     identity_token,
+                    registry_token,
+                    ..Credentials::default()
                 },
                 // An empty entry (e.g. left by a credsStore login) carries no credentials.
                 _ => continue,
@@ -192,7 +200,8 @@ mod tests {
             "http://Reg.Example:443/v2/": {"auth": "YTpiOmM="},
             "empty.example": {},
             "acr.example": {"auth": "MDAwMDAwMDAtMDAwMC0wMDAwLTAwMDAtMDAwMDAwMDAwMDAwOg==", "identitytoken": "rt-1"},
-            "idonly.example": {"identitytoken": "rt-2"}
+            "idonly.example": {"identitytoken": "rt-2"},
+            "static.example": {"registrytoken": "st-1"}
           },
           "credHelpers": {"gcr.io": "gcloud"}
         }"#;
@@ -217,6 +226,8 @@ mod tests {
         let id_only = cfg.credentials_for("idonly.example").unwrap();
         assert_eq!(id_only.identity_token.as_ref().unwrap().expose(), "rt-2");
         assert!(local.identity_token.is_none());
+        let fixed = cfg.credentials_for("static.example").unwrap();
+        assert_eq!(fixed.registry_token.as_ref().unwrap().expose(), "st-1");
         assert!(cfg.credentials_for("127.0.0.1:5001").is_none());
         assert_eq!(cfg.helper_for("gcr.io"), Some("gcloud"));
         assert_eq!(cfg.helper_for("quay.io"), None);
