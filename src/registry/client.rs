@@ -109,14 +109,14 @@ struct Endpoint {
     http: reqwest::Client,
     /// Registry name credentials are looked up by.
     credentials_key: String,
-    /// From `auths` in the docker config.
+    /// From the options, else from `auths` in the docker config.
     credentials: Option<Credentials>,
-    /// `?ns=<registry>` on mirrors, as containerd sends it, so a mirror serving several
-    /// upstreams knows which one is meant; empty for the registry itself.
-    query: String,
     /// Otherwise the credential helper to ask, once, when the host asks for credentials.
     helper: Option<String>,
     helper_credentials: tokio::sync::OnceCell<Option<Credentials>>,
+    /// `?ns=<registry>` on mirrors, as containerd sends it, so a mirror serving several
+    /// upstreams knows which one is meant; empty for the registry itself.
+    query: String,
     /// Storage URL this host redirected each blob to.
     redirects: RwLock<HashMap<Digest, CachedRedirect>>,
     /// A mirror that failed transiently is skipped until then (ms since the client's
