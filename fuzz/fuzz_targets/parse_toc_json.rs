@@ -10,9 +10,13 @@ fuzz_target!(|json: &[u8]| {
         max_entries: 10_000,
         ..TocLimits::default()
     };
-    if let Ok(index) =
-        parse_toc_json(json, LayerFormat::Estargz, CompressedOffset(1 << 20), 2 << 20, &limits)
-    {
+    if let Ok(index) = parse_toc_json(
+        json,
+        LayerFormat::Estargz,
+        CompressedOffset(1 << 20),
+        2 << 20,
+        &limits,
+    ) {
         assert_eq!(index.entries[0].kind, EntryKind::Directory);
         let mut names: Vec<&str> = index.entries.iter().map(|e| e.name.as_str()).collect();
         names.sort_unstable();

@@ -115,6 +115,17 @@ pub struct Chunk {
     pub digest: Digest,
 }
 
+impl Chunk {
+    /// The blob bytes to fetch and hand to [`decompress_chunk`].
+    pub fn compressed_range(&self) -> std::ops::Range<u64> {
+        self.compressed_offset.0
+            ..self
+                .compressed_offset
+                .0
+                .saturating_add(self.compressed_size)
+    }
+}
+
 /// What an entry is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EntryKind {
