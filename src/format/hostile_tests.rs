@@ -354,7 +354,14 @@ fn entry_count_is_limited() {
         max_entries: 3,
         ..TocLimits::default()
     };
-    let four = toc(vec![dir("a"), dir("b"), dir("c"), dir("d")]);
+    // Four TOC entries (a file and its three extra chunks) for two index entries.
+    let chunk = |n: i64| {
+        json!({"name": "f", "type": "chunk", "offset": 100 * n, "chunkOffset": 10 * n,
+               "chunkSize": 10, "chunkDigest": digest_of("c")})
+    };
+    let mut file = reg("f", 40, 0);
+    file["chunkSize"] = json!(10);
+    let four = toc(vec![file, chunk(1), chunk(2), chunk(3)]);
     assert!(matches!(
         parse_with(&four, &limits),
         Err(FormatError::TooManyEntries { limit: 3 })
