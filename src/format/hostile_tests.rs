@@ -198,6 +198,16 @@ fn chunk_gaps_and_overruns_are_rejected() {
         2,
         "complete",
     );
+    // A chunk naming another file.
+    let mut stray = chunk(20, 40, 0);
+    stray["name"] = json!("g");
+    assert_bad_entry(parse(vec![first.clone(), stray]), 1, "belongs to");
+    // Chunk names may repeat the file's unnormalized spelling.
+    let mut spelled = first.clone();
+    spelled["name"] = json!("./f");
+    let mut same = chunk(20, 40, 0);
+    same["name"] = json!("./f");
+    assert!(parse(vec![spelled, same]).is_ok());
     // A chunk without a file.
     assert_bad_entry(parse(vec![dir("d"), chunk(20, 0, 0)]), 1, "follow");
     // Well-formed: 40 + 60 with the last chunk running to the end.

@@ -705,7 +705,8 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
             mtime_nanos: 0,
             xattrs: Vec::new(),
         };
-        if let Some(text) = &raw.mod_time {
+        // Go writes no modtime for the epoch; an empty one means the same to Go readers.
+        if let Some(text) = raw.mod_time.as_ref().filter(|t| !t.0.is_empty()) {
             (entry.mtime_secs, entry.mtime_nanos) = rfc3339::parse(&text.0)
                 .ok_or_else(|| format!("modtime {:?} is not RFC 3339", truncate(&text.0)))?;
         }
@@ -872,13 +873,11 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
         if open.next_chunk == open.name_end {
             return Err("chunk entry after the file's data is complete".into());
         }
+        // Readers go by position; a name, when given, must still be the file's.
         if let Some(id) = open.id {
             let file_name = &self.entries[id.0 as usize].name;
             let name = raw.name.0.as_ref();
-            if !name.is_empty()
-                && name != file_name
-                && name.trim_start_matches("./").trim_end_matches('/') != file_name
-            {
+            if !name.is_empty() && name != open.toc_name && name != file_name {
                 return Err(format!(
                     "chunk entry belongs to {file_name:?}, not this name"
                 ));
