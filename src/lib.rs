@@ -10,6 +10,7 @@
 //! | [`cache`]    | chunks on disk (content-addressed, atomic writes), hot chunks in memory, single-flight fetches, background streaming of a layer. |
 //! | [`fs`]       | the read-only FUSE filesystem of one layer, built from its index. |
 //! | [`config`]   | TOML configuration shared by the daemon and the CLI. |
+//! | [`prefetch`] | static prefetch lists: the files a container's start reads, from the image rootfs and config ([`prefetch::analyze_entrypoint`]). |
 //! | [`metrics`]  | counters in Prometheus text format. |
 //!
 //! # How a read travels
@@ -32,4 +33,5 @@ pub mod digest;
 pub mod format;
 pub mod fs;
 pub mod metrics;
+pub mod prefetch;
 pub mod registry;

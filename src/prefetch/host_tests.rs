@@ -1,0 +1,376 @@
+//! Analyses of this machine's own root (Debian 12 with python3.11 and
+//! busybox-static), and of small rootfs trees built from its binaries.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use super::*;
+
+const SCRIPT_IMPORTS: &str = "\
+import json, re, collections, datetime
+import pathlib
+import hashlib, base64
+import argparse, subprocess, logging
+import urllib.parse
+from decimal import Decimal
+
+# import tkinter  (a comment, not an import)
+HELP = 'import idlelib'
+
+def main():
+    import unittest  # only when called
+
+if __name__ == '__main__':
+    main()
+";
+
+fn config(argv: &[&str], cwd: &str, env: &[&str]) -> ImageConfigInfo {
+    ImageConfigInfo {
+        entrypoint: argv.iter().map(|s| (*s).to_owned()).collect(),
+        cmd: Vec::new(),
+        working_dir: cwd.to_owned(),
+        env: env.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn host() -> DirView {
+    DirView::new("/").unwrap()
+}
+
+fn canonical(path: &str) -> String {
+    fs::canonicalize(path)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn assert_has(list: &PrefetchList, path: &str) {
+    assert!(
+        list.contains(path),
+        "{path} missing from:\n{}",
+        list.paths()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+fn assert_has_name(list: &PrefetchList, name: &str) {
+    assert!(
+        list.paths().any(|p| p.file_name() == name),
+        "no file named {name} in:\n{}",
+        list.paths()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+fn write_script(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    fs::write(&path, text).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn assert_python_start(list: &PrefetchList) {
+    assert_has(list, "/usr/bin/python3.11");
+    assert_has(list, &canonical("/lib64/ld-linux-x86-64.so.2"));
+    for lib in ["libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1"] {
+        assert_has_name(list, lib);
+    }
+    let stdlib = "/usr/lib/python3.11";
+    for module in [
+        "json/__init__.py",
+        "json/decoder.py",
+        "json/scanner.py",
+        "json/__pycache__/__init__.cpython-311.pyc",
+        "re/__init__.py",
+        "re/_compiler.py",
+        "collections/__init__.py",
+        "datetime.py",
+        "pathlib.py",
+        "hashlib.py",
+        "base64.py",
+        "argparse.py",
+        "subprocess.py",
+        "logging/__init__.py",
+        "urllib/__init__.py",
+        "urllib/parse.py",
+        "decimal.py",
+        "encodings/__init__.py",
+        "encodings/aliases.py",
+        "encodings/utf_8.py",
+    ] {
+        assert_has(list, &format!("{stdlib}/{module}"));
+    }
+    // C extensions and what they link.
+    assert_has(
+        list,
+        &format!("{stdlib}/lib-dynload/_hashlib.cpython-311-x86_64-linux-gnu.so"),
+    );
+    assert_has(
+        list,
+        &format!("{stdlib}/lib-dynload/_decimal.cpython-311-x86_64-linux-gnu.so"),
+    );
+    assert_has_name(list, "libcrypto.so.3");
+    assert_has(list, "/etc/ld.so.cache");
+    for entry in &list.entries {
+        let path = entry.path.as_str();
+        assert!(!path.starts_with("/usr/share/doc"), "unrelated file {path}");
+        for unrelated in [
+            "tkinter", "idlelib", "unittest", "lib2to3", "/test/", "asyncio", "email",
+        ] {
+            assert!(
+                !path.contains(unrelated),
+                "unrelated module {path} ({})",
+                entry.reason
+            );
+        }
+    }
+    assert!(list.entries.len() < 400, "{} entries", list.entries.len());
+}
+
+#[test]
+fn python_script_on_the_host_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = write_script(dir.path(), "script.py", SCRIPT_IMPORTS);
+    let list =
+        analyze_entrypoint(&host(), &config(&["/usr/bin/python3", &script], "/", &[])).unwrap();
+    assert_has(&list, "/usr/bin/python3");
+    assert_eq!(list.entries[0].path.as_str(), "/usr/bin/python3");
+    assert_eq!(list.entries[0].kind, PrefetchKind::Symlink);
+    assert_has(&list, &canonical(&script));
+    assert_python_start(&list);
+    let index = |path: &str| list.paths().position(|p| p.as_str() == path).unwrap();
+    assert!(index("/usr/bin/python3.11") < index(&canonical(&script)));
+    assert!(index(&canonical(&script)) < index("/usr/lib/python3.11/json/__init__.py"));
+}
+
+#[test]
+fn env_shebang_finds_python_in_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let tool = write_script(
+        dir.path(),
+        "tool",
+        &format!("#!/usr/bin/env python3\n{SCRIPT_IMPORTS}"),
+    );
+    let list = analyze_entrypoint(
+        &host(),
+        &config(
+            &[&tool, "--verbose"],
+            "/",
+            &["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+        ),
+    )
+    .unwrap();
+    assert_eq!(list.entries[0].path.as_str(), canonical(&tool));
+    assert_has(&list, "/usr/bin/env");
+    assert!(matches!(
+        list.entries
+            .iter()
+            .find(|e| e.path.as_str() == "/usr/bin/env")
+            .unwrap()
+            .reason,
+        Reason::ScriptInterpreter { .. }
+    ));
+    assert_python_start(&list);
+}
+
+#[test]
+fn sh_c_follows_cd_and_exec() {
+    let dir = tempfile::tempdir().unwrap();
+    write_script(dir.path(), "script.py", SCRIPT_IMPORTS);
+    let dir_str = canonical(dir.path().to_str().unwrap());
+    let line = format!("cd {dir_str} && exec python3 -u script.py \"$@\" > /dev/null 2>&1");
+    let list = analyze_entrypoint(
+        &host(),
+        &config(
+            &["/bin/sh", "-c", &line, "sh", "x"],
+            "/",
+            &["PATH=/usr/bin:/bin"],
+        ),
+    )
+    .unwrap();
+    assert_has(&list, "/bin");
+    assert_has(&list, &canonical("/bin/sh"));
+    assert_has(&list, &format!("{dir_str}/script.py"));
+    assert_python_start(&list);
+}
+
+#[test]
+fn missing_entrypoint_gives_an_empty_list_and_a_warning() {
+    let list = analyze_entrypoint(&host(), &config(&["/no/such/binary", "arg"], "/", &[])).unwrap();
+    assert!(list.entries.is_empty(), "{:?}", list.entries);
+    assert!(list.warnings.iter().any(
+        |w| matches!(w, Warning::CommandNotFound { command } if command == "/no/such/binary")
+    ));
+    let in_path =
+        analyze_entrypoint(&host(), &config(&["no-such-command-here"], "/", &[])).unwrap();
+    assert!(in_path.entries.is_empty());
+    assert_eq!(in_path.warnings.len(), 1);
+    let empty = analyze_entrypoint(&host(), &ImageConfigInfo::default()).unwrap();
+    assert!(empty.entries.is_empty());
+    assert_eq!(empty.warnings, vec![Warning::EmptyCommand]);
+}
+
+/// A tiny busybox image: `/bin/sh -> busybox`, a shell entrypoint script, and
+/// symlinks that point outside the root on the host.
+fn busybox_root(root: &Path) {
+    fs::create_dir_all(root.join("usr/bin")).unwrap();
+    fs::create_dir_all(root.join("app")).unwrap();
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::copy("/usr/bin/busybox", root.join("usr/bin/busybox")).unwrap();
+    symlink("usr/bin", root.join("bin")).unwrap();
+    symlink("busybox", root.join("usr/bin/sh")).unwrap();
+    write_script(
+        &root.join("app"),
+        "run.sh",
+        "#!/bin/sh\nexec /app/server --config /etc/app.conf\n",
+    );
+    fs::write(root.join("etc/app.conf"), "port=80\n").unwrap();
+    // On the host these lead to the real /etc and /usr; inside the image they do not exist.
+    symlink("/etc/passwd", root.join("app/server")).unwrap();
+    symlink(
+        "../../../../../../../usr/bin/python3.11",
+        root.join("app/python"),
+    )
+    .unwrap();
+    symlink("loop-b", root.join("app/loop-a")).unwrap();
+    symlink("/app/loop-a", root.join("app/loop-b")).unwrap();
+}
+
+#[test]
+fn busybox_image_in_a_temp_root_never_escapes() {
+    let root = tempfile::tempdir().unwrap();
+    busybox_root(root.path());
+    let view = DirView::new(root.path()).unwrap();
+    let list = analyze_entrypoint(&view, &config(&["/app/run.sh"], "/app", &[])).unwrap();
+    let paths: Vec<&str> = list.paths().map(|p| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec!["/app/run.sh", "/bin", "/usr/bin/sh", "/usr/bin/busybox"]
+    );
+    // busybox is static: no loader, no libraries, nothing unparsable.
+    assert!(
+        !list
+            .warnings
+            .iter()
+            .any(|w| matches!(w, Warning::BadElf { .. }))
+    );
+
+    let escaping = analyze_entrypoint(
+        &view,
+        &config(
+            &["/bin/sh", "-c", "/app/server; /app/python x.py; ./loop-a"],
+            "/app",
+            &[],
+        ),
+    )
+    .unwrap();
+    for path in escaping.paths() {
+        assert!(
+            !path.as_str().contains("passwd") && !path.as_str().contains("python3.11"),
+            "{path}"
+        );
+    }
+    assert!(escaping.warnings.iter().any(|w| matches!(
+        w,
+        Warning::Unresolved { failure, .. } if failure.contains("symlinks")
+    )));
+    assert_eq!(
+        escaping
+            .warnings
+            .iter()
+            .filter(|w| matches!(w, Warning::CommandNotFound { .. }))
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn shell_script_file_arguments_and_wrappers() {
+    let root = tempfile::tempdir().unwrap();
+    busybox_root(root.path());
+    fs::remove_file(root.path().join("app/server")).unwrap();
+    symlink("../usr/bin/busybox", root.path().join("app/server")).unwrap();
+    let view = DirView::new(root.path()).unwrap();
+    // `env` is a busybox applet here: it runs `sh /app/run.sh`.
+    symlink("busybox", root.path().join("usr/bin/env")).unwrap();
+    let list = analyze_entrypoint(
+        &view,
+        &config(&["env", "A=1", "sh", "run.sh"], "/app", &["PATH=/bin"]),
+    )
+    .unwrap();
+    assert_has(&list, "/app/run.sh");
+    assert_has(&list, "/usr/bin/busybox");
+    assert!(list.warnings.is_empty(), "{:?}", list.warnings);
+    // Files named on a command line are read by the program.
+    let list = analyze_entrypoint(
+        &view,
+        &config(&["/app/server", "--config=/etc/app.conf", "-v"], "/", &[]),
+    )
+    .unwrap();
+    assert_has(&list, "/etc/app.conf");
+}
+
+/// The busybox image again, as layers: the analysis sees the same files.
+#[test]
+fn layer_stack_view_runs_the_same_analysis() {
+    let busybox = fs::read("/usr/bin/busybox").unwrap();
+    let script = b"#!/bin/sh\nexec busybox true\n".to_vec();
+    let file = |data: &[u8], mode| LayerEntry {
+        kind: LayerEntryKind::File {
+            size: data.len() as u64,
+        },
+        mode,
+    };
+    let link = |target: &str| LayerEntry {
+        kind: LayerEntryKind::Symlink {
+            target: target.to_owned(),
+        },
+        mode: 0o777,
+    };
+    let base: LayerEntries = [
+        (ImagePath::new("usr/bin/busybox"), file(&busybox, 0o755)),
+        (ImagePath::new("bin"), link("usr/bin")),
+        (ImagePath::new("usr/bin/sh"), link("busybox")),
+        (ImagePath::new("app/start"), file(b"old", 0o755)),
+    ]
+    .into_iter()
+    .collect();
+    let app: LayerEntries = [
+        (ImagePath::new("app/.wh..wh..opq"), file(b"", 0o644)),
+        (ImagePath::new("app/run"), file(&script, 0o755)),
+    ]
+    .into_iter()
+    .collect();
+    let mut contents: HashMap<(usize, String), Vec<u8>> = HashMap::new();
+    contents.insert((0, "/usr/bin/busybox".to_owned()), busybox);
+    contents.insert((1, "/app/run".to_owned()), script);
+    let view = LayerStackView::new(
+        vec![base, app],
+        move |layer: LayerPosition, path: &ImagePath, offset: u64, max: usize| {
+            let data = contents
+                .get(&(layer.0, path.as_str().to_owned()))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+            let start = (offset as usize).min(data.len());
+            let end = start.saturating_add(max).min(data.len());
+            Ok(data[start..end].to_vec())
+        },
+    );
+    let list = analyze_entrypoint(&view, &config(&["/app/run"], "/", &["PATH=/bin"])).unwrap();
+    let paths: Vec<&str> = list.paths().map(|p| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec!["/app/run", "/bin", "/usr/bin/sh", "/usr/bin/busybox"]
+    );
+    let hidden = analyze_entrypoint(&view, &config(&["/app/start"], "/", &[])).unwrap();
+    assert!(
+        hidden.entries.is_empty(),
+        "the opaque directory hides /app/start"
+    );
+}
