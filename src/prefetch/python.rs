@@ -36,6 +36,44 @@ const UNFROZEN_STARTUP_MODULES: &[&str] = &[
     "_sitebuiltins",
 ];
 /// Frozen into the interpreter since 3.11: imported without reading any file.
+/// Compiled into every CPython build (`Modules/Setup.bootstrap`): never files.
+const ALWAYS_BUILTIN: &[&str] = &[
+    "sys",
+    "builtins",
+    "_imp",
+    "_io",
+    "_warnings",
+    "marshal",
+    "gc",
+    "posix",
+    "errno",
+    "pwd",
+    "_sre",
+    "_codecs",
+    "_weakref",
+    "_functools",
+    "_operator",
+    "_collections",
+    "_abc",
+    "itertools",
+    "atexit",
+    "_signal",
+    "_stat",
+    "time",
+    "_thread",
+    "_locale",
+    "faulthandler",
+    "_tracemalloc",
+    "_symtable",
+    "_string",
+];
+/// Modules C extensions import from their init code, which no source shows.
+const EXTENSION_IMPORTS: &[(&str, &[&str])] = &[
+    ("_decimal", &["collections", "numbers"]),
+    ("_pickle", &["copyreg", "_compat_pickle"]),
+    ("_elementtree", &["copy", "xml.etree.ElementPath"]),
+    ("_datetime", &["time"]),
+];
 const FROZEN_SINCE_3_11: &[&str] = &[
     "abc",
     "codecs",
@@ -66,8 +104,17 @@ pub(crate) struct Import {
     pub level: usize,
     /// Names after `from ... import`; they may be submodules.
     pub names: Vec<String>,
-    /// Inside `except ImportError:`: only used when the `try` body's import fails.
-    pub fallback: bool,
+    pub guard: ImportGuard,
+}
+
+/// How an import is guarded by `try:` / `except ImportError:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ImportGuard {
+    Unguarded,
+    /// In the body of `try` block number N of the module.
+    Try(usize),
+    /// In `except ImportError:` of `try` block N: runs only when that block's import fails.
+    Fallback(usize),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -197,14 +244,19 @@ fn logical_lines(source: &str) -> Vec<LogicalLine> {
 enum Block {
     /// A function body (or `if TYPE_CHECKING:`): runs later, or never.
     Deferred,
-    /// `except ImportError:` (or `ModuleNotFoundError`).
-    Fallback,
+    Try(usize),
+    /// `except ImportError:` (or `ModuleNotFoundError`) of a `try` block.
+    Fallback(usize),
+    /// Any other block; imports in it run.
+    Plain,
 }
 
 /// The imports a module executes when it is imported, in source order.
 pub(crate) fn parse_imports(source: &str) -> Vec<Import> {
     let mut imports = Vec::new();
     let mut blocks: Vec<(usize, Block)> = Vec::new();
+    let mut tries = 0;
+    let mut last_try_at: HashMap<usize, usize> = HashMap::new();
     for line in logical_lines(source) {
         while blocks
             .last()
@@ -213,7 +265,15 @@ pub(crate) fn parse_imports(source: &str) -> Vec<Import> {
             blocks.pop();
         }
         let deferred = blocks.iter().any(|(_, b)| *b == Block::Deferred);
-        let fallback = blocks.iter().any(|(_, b)| *b == Block::Fallback);
+        let guard = blocks
+            .iter()
+            .rev()
+            .find_map(|(_, block)| match block {
+                Block::Try(id) => Some(ImportGuard::Try(*id)),
+                Block::Fallback(id) => Some(ImportGuard::Fallback(*id)),
+                _ => None,
+            })
+            .unwrap_or(ImportGuard::Unguarded);
         for statement in line.tokens.split(|(t, d)| *t == Token::Op(';') && *d == 0) {
             let mut statement = statement;
             // A compound statement's body may follow its colon on the same line.
@@ -231,10 +291,19 @@ pub(crate) fn parse_imports(source: &str) -> Vec<Import> {
                             matches!(t, Token::Name(n) if n == "ImportError" || n == "ModuleNotFoundError")
                         }) =>
                     {
-                        Some(Block::Fallback)
+                        let id = last_try_at.get(&line.indent).copied().unwrap_or_else(|| {
+                            tries += 1;
+                            tries
+                        });
+                        Some(Block::Fallback(id))
                     }
-                    "if" | "elif" | "else" | "try" | "except" | "finally" | "with" | "for"
-                    | "while" | "class" => None,
+                    "try" => {
+                        tries += 1;
+                        last_try_at.insert(line.indent, tries);
+                        Some(Block::Try(tries))
+                    }
+                    "if" | "elif" | "else" | "except" | "finally" | "with" | "for" | "while"
+                    | "class" => Some(Block::Plain),
                     _ => break,
                 };
                 let colon = statement
@@ -248,7 +317,9 @@ pub(crate) fn parse_imports(source: &str) -> Vec<Import> {
                         break;
                     }
                     Some(block) if !body_on_same_line => {
-                        blocks.push((line.indent, block));
+                        if block != Block::Plain {
+                            blocks.push((line.indent, block));
+                        }
                         statement = &[];
                         break;
                     }
@@ -266,8 +337,8 @@ pub(crate) fn parse_imports(source: &str) -> Vec<Import> {
                 continue;
             }
             let tokens: Vec<&Token> = statement.iter().map(|(t, _)| t).collect();
-            imports.extend(import_statement(&tokens, fallback));
-            imports.extend(import_calls(&tokens, fallback));
+            imports.extend(import_statement(&tokens, guard));
+            imports.extend(import_calls(&tokens, guard));
         }
     }
     imports
@@ -299,7 +370,7 @@ fn dotted_name(tokens: &[&Token], at: &mut usize) -> String {
     name
 }
 
-fn import_statement(tokens: &[&Token], fallback: bool) -> Vec<Import> {
+fn import_statement(tokens: &[&Token], guard: ImportGuard) -> Vec<Import> {
     let mut imports = Vec::new();
     match name_of(tokens.first()) {
         Some("import") => {
@@ -311,7 +382,7 @@ fn import_statement(tokens: &[&Token], fallback: bool) -> Vec<Import> {
                         module,
                         level: 0,
                         names: Vec::new(),
-                        fallback,
+                        guard,
                     });
                 }
                 // Skip `as alias` up to the next comma.
@@ -355,7 +426,7 @@ fn import_statement(tokens: &[&Token], fallback: bool) -> Vec<Import> {
                 module,
                 level,
                 names,
-                fallback,
+                guard,
             });
         }
         _ => {}
@@ -364,7 +435,7 @@ fn import_statement(tokens: &[&Token], fallback: bool) -> Vec<Import> {
 }
 
 /// `__import__("name")` and `importlib.import_module("name")` with a literal name.
-fn import_calls(tokens: &[&Token], fallback: bool) -> Vec<Import> {
+fn import_calls(tokens: &[&Token], guard: ImportGuard) -> Vec<Import> {
     let mut imports = Vec::new();
     for window in tokens.windows(3) {
         if let [Token::Name(function), Token::Op('('), Token::Str(module)] = window
@@ -379,7 +450,7 @@ fn import_calls(tokens: &[&Token], fallback: bool) -> Vec<Import> {
                 module: module.clone(),
                 level: 0,
                 names: Vec::new(),
-                fallback,
+                guard,
             });
         }
     }
@@ -570,7 +641,8 @@ impl Analyzer<'_> {
             .map(|(module, by)| (module, by, 1))
             .collect();
         for import in &main_imports {
-            for module in Self::absolute_names(import, "") {
+            let (modules, probes) = Self::absolute_names(import, "");
+            for module in modules.into_iter().chain(probes) {
                 queue.push_back((module, main_name.clone(), 1));
             }
         }
@@ -585,9 +657,15 @@ impl Analyzer<'_> {
                 });
                 break;
             }
-            let Some((source, package)) =
-                self.import_module(&mut interpreter, &module, &imported_by, env)?
-            else {
+            let imported = self.import_module(&mut interpreter, &module, &imported_by, env)?;
+            if let Some(Some(Location::Extension(_))) = interpreter.modules.get(&module)
+                && let Some((_, extra)) = EXTENSION_IMPORTS.iter().find(|(m, _)| *m == module)
+            {
+                for name in *extra {
+                    queue.push_back(((*name).to_owned(), module.clone(), depth + 1));
+                }
+            }
+            let Some((source, package)) = imported else {
                 continue;
             };
             if depth >= MAX_IMPORT_DEPTH {
@@ -595,15 +673,22 @@ impl Analyzer<'_> {
             }
             let text = self.view.read(&source, MAX_SOURCE_BYTES)?;
             let imports = parse_imports(&String::from_utf8_lossy(&text));
-            let mut failed_try = false;
+            let mut failed_tries = HashSet::new();
             for import in &imports {
-                if import.fallback && !failed_try {
+                if let ImportGuard::Fallback(id) = import.guard
+                    && !failed_tries.contains(&id)
+                {
                     continue;
                 }
-                for name in Self::absolute_names(import, &package) {
-                    if !import.fallback && !self.module_exists(&mut interpreter, &name)? {
-                        failed_try = true;
+                let (modules, probes) = Self::absolute_names(import, &package);
+                for name in &modules {
+                    if let ImportGuard::Try(id) = import.guard
+                        && !self.module_exists(&mut interpreter, name)?
+                    {
+                        failed_tries.insert(id);
                     }
+                }
+                for name in modules.into_iter().chain(probes) {
                     queue.push_back((name, module.clone(), depth + 1));
                 }
             }
@@ -856,13 +941,15 @@ impl Analyzer<'_> {
     }
 
     /// The absolute module names an import statement in `package` loads.
-    fn absolute_names(import: &Import, package: &str) -> Vec<String> {
+    /// Also returns, separately, `pkg.name` for each `from pkg import name`: loaded
+    /// when `name` is a submodule, else just an attribute.
+    fn absolute_names(import: &Import, package: &str) -> (Vec<String>, Vec<String>) {
         let base = if import.level == 0 {
             import.module.clone()
         } else {
             let mut parts: Vec<&str> = package.split('.').filter(|p| !p.is_empty()).collect();
             if parts.is_empty() || import.level - 1 > parts.len() {
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
             parts.truncate(parts.len() - (import.level - 1));
             let mut base = parts.join(".");
@@ -875,7 +962,7 @@ impl Analyzer<'_> {
             base
         };
         if base.is_empty() {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
         // `import a.b.c` imports `a`, then `a.b`, then `a.b.c`.
         let mut names = Vec::new();
@@ -887,13 +974,13 @@ impl Analyzer<'_> {
             prefix.push_str(part);
             names.push(prefix.clone());
         }
-        // `from pkg import name`: `name` is loaded when it is a submodule.
-        for name in &import.names {
-            if name != "*" {
-                names.push(format!("{base}.{name}"));
-            }
-        }
-        names
+        let probes = import
+            .names
+            .iter()
+            .filter(|name| *name != "*")
+            .map(|name| format!("{base}.{name}"))
+            .collect();
+        (names, probes)
     }
 
     fn module_exists(
@@ -923,7 +1010,9 @@ impl Analyzer<'_> {
         interpreter: &mut Interpreter,
         module: &str,
     ) -> Result<Option<Location>, PrefetchError> {
-        if interpreter.version >= (3, 11) && FROZEN_SINCE_3_11.contains(&module) {
+        if ALWAYS_BUILTIN.contains(&module)
+            || (interpreter.version >= (3, 11) && FROZEN_SINCE_3_11.contains(&module))
+        {
             return Ok(Some(Location::Builtin));
         }
         let (search, name) = match module.rsplit_once('.') {
@@ -1121,15 +1210,15 @@ fn find_extension(names: &[String], name: &str, cache_tag: &str) -> Option<Strin
 mod tests {
     use super::*;
 
-    fn modules(source: &str) -> Vec<(String, usize, Vec<String>, bool)> {
+    fn modules(source: &str) -> Vec<(String, usize, Vec<String>, ImportGuard)> {
         parse_imports(source)
             .into_iter()
-            .map(|i| (i.module, i.level, i.names, i.fallback))
+            .map(|i| (i.module, i.level, i.names, i.guard))
             .collect()
     }
 
-    fn plain(name: &str) -> (String, usize, Vec<String>, bool) {
-        (name.to_owned(), 0, Vec::new(), false)
+    fn plain(name: &str) -> (String, usize, Vec<String>, ImportGuard) {
+        (name.to_owned(), 0, Vec::new(), ImportGuard::Unguarded)
     }
 
     #[test]
@@ -1152,10 +1241,20 @@ if True: import g
                     "x.y".to_owned(),
                     0,
                     vec!["p".to_owned(), "q".to_owned()],
-                    false
+                    ImportGuard::Unguarded
                 ),
-                (String::new(), 1, vec!["z".to_owned()], false),
-                ("pkg.mod".to_owned(), 2, vec!["*".to_owned()], false),
+                (
+                    String::new(),
+                    1,
+                    vec!["z".to_owned()],
+                    ImportGuard::Unguarded
+                ),
+                (
+                    "pkg.mod".to_owned(),
+                    2,
+                    vec!["*".to_owned()],
+                    ImportGuard::Unguarded
+                ),
                 plain("e"),
                 plain("f"),
                 plain("g"),
@@ -1190,14 +1289,17 @@ x = __import__("dynamic.name")
 
     #[test]
     fn marks_import_error_fallbacks() {
-        let source =
-            "try:\n    import _fast\nexcept ImportError:\n    import _slow\nimport after\n";
+        let source = "try:\n    import _fast\nexcept ImportError:\n    import _slow\nimport after\n\
+             try:\n    import _c\nexcept (AttributeError, ImportError):\n    import _d\n";
+        let _fast = "_fast".to_owned();
         assert_eq!(
             modules(source),
             vec![
-                plain("_fast"),
-                ("_slow".to_owned(), 0, vec![], true),
-                plain("after")
+                (_fast, 0, vec![], ImportGuard::Try(1)),
+                ("_slow".to_owned(), 0, vec![], ImportGuard::Fallback(1)),
+                plain("after"),
+                ("_c".to_owned(), 0, vec![], ImportGuard::Try(2)),
+                ("_d".to_owned(), 0, vec![], ImportGuard::Fallback(2)),
             ]
         );
     }
