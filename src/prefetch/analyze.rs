@@ -29,6 +29,7 @@ const MAX_FILE_ARGS: usize = 32;
 /// `include` nesting in `/etc/ld.so.conf`.
 const MAX_LD_CONF_DEPTH: usize = 8;
 const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+const MAX_SCRIPT_BYTES: usize = 1024 * 1024;
 
 pub(super) type Env = BTreeMap<String, String>;
 
@@ -371,14 +372,7 @@ impl<'v> Analyzer<'v> {
             return Ok(());
         };
         if !command_mode {
-            let reason = Reason::CommandArgument {
-                program: program.clone(),
-            };
-            if self.add_file(cwd, first, reason)?.is_none() {
-                let resolution = resolve(self.view, cwd, first, true)?;
-                self.warn_unresolved(first, &resolution, "shell script");
-            }
-            return Ok(());
+            return self.shell_script(first, positional, program, cwd, env, depth);
         }
         let lookup = |name: &str| env.get(name).cloned();
         let commands = shell::parse_commands(first, &lookup, positional);
@@ -390,6 +384,52 @@ impl<'v> Analyzer<'v> {
             self.warnings.push(Warning::LimitReached {
                 what: format!("shell commands in `{first}`"),
             });
+        }
+        Ok(())
+    }
+
+    /// A script run by a shell. Only its `exec` commands are followed: they replace
+    /// the shell, typically with the container's real program (`exec "$@"` in an
+    /// entrypoint script); other commands may sit in branches or functions that
+    /// never run.
+    fn shell_script(
+        &mut self,
+        script: &str,
+        args: &[String],
+        shell: &ImagePath,
+        cwd: &ImagePath,
+        env: &Env,
+        depth: usize,
+    ) -> Result<(), PrefetchError> {
+        let reason = Reason::CommandArgument {
+            program: shell.clone(),
+        };
+        let Some(path) = self.add_file(cwd, script, reason)? else {
+            let resolution = resolve(self.view, cwd, script, true)?;
+            self.warn_unresolved(script, &resolution, "shell script");
+            return Ok(());
+        };
+        let text = self.view.read(&path, MAX_SCRIPT_BYTES)?;
+        let text = String::from_utf8_lossy(&text);
+        let mut positional = vec![script.to_owned()];
+        positional.extend(args.iter().cloned());
+        let lookup = |name: &str| env.get(name).cloned();
+        let commands = shell::parse_commands(&text, &lookup, &positional);
+        let execs = commands.iter().filter(|command| {
+            command
+                .words
+                .iter()
+                .find(|word| {
+                    !word.as_ref().is_some_and(|w| {
+                        w.split_once('=')
+                            .is_some_and(|(name, _)| is_identifier(name))
+                    })
+                })
+                .is_some_and(|word| word.as_deref() == Some("exec"))
+        });
+        let mut cwd = cwd.clone();
+        for command in execs.take(MAX_SHELL_COMMANDS) {
+            self.shell_command(command, shell, &mut cwd, env, depth)?;
         }
         Ok(())
     }

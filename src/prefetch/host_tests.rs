@@ -244,6 +244,33 @@ fn busybox_root(root: &Path) {
 }
 
 #[test]
+fn entrypoint_script_exec_runs_the_cmd() {
+    let root = tempfile::tempdir().unwrap();
+    busybox_root(root.path());
+    write_script(
+        &root.path().join("app"),
+        "docker-entrypoint.sh",
+        "#!/bin/sh\nset -e\nif [ \"$1\" = 'serve' ]; then\n  exec /bin/busybox httpd -f -c /etc/app.conf\nfi\nexec \"$@\"\n",
+    );
+    let view = DirView::new(root.path()).unwrap();
+    let mut cfg = config(&["/app/docker-entrypoint.sh"], "/", &[]);
+    cfg.cmd = vec!["/app/run.sh".to_owned()];
+    let list = analyze_entrypoint(&view, &cfg).unwrap();
+    let paths: Vec<&str> = list.paths().map(|p| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "/app/docker-entrypoint.sh",
+            "/bin",
+            "/usr/bin/sh",
+            "/usr/bin/busybox",
+            "/etc/app.conf",
+            "/app/run.sh",
+        ]
+    );
+}
+
+#[test]
 fn busybox_image_in_a_temp_root_never_escapes() {
     let root = tempfile::tempdir().unwrap();
     busybox_root(root.path());
@@ -307,6 +334,9 @@ fn shell_script_file_arguments_and_wrappers() {
     .unwrap();
     assert_has(&list, "/app/run.sh");
     assert_has(&list, "/usr/bin/busybox");
+    // run.sh ends in `exec /app/server --config /etc/app.conf`.
+    assert_has(&list, "/app/server");
+    assert_has(&list, "/etc/app.conf");
     assert!(list.warnings.is_empty(), "{:?}", list.warnings);
     // Files named on a command line are read by the program.
     let list = analyze_entrypoint(
