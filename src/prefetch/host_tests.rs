@@ -418,3 +418,135 @@ fn zz_print_debug() {
         println!("WARN {w}");
     }
 }
+
+fn cc(args: &[&str]) {
+    let status = std::process::Command::new("cc")
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cc {args:?}");
+}
+
+/// A program built here with `RUNPATH=$ORIGIN/../lib`, one library found through
+/// `/etc/ld.so.conf`'s `include`, and glibc copied from the host.
+#[test]
+fn elf_runpath_origin_and_ld_so_conf_include() {
+    let root = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for dir in [
+        "opt/app/bin",
+        "opt/app/lib",
+        "opt/other/lib",
+        "etc/ld.so.conf.d",
+        "lib/x86_64-linux-gnu",
+        "lib64",
+    ] {
+        fs::create_dir_all(r.join(dir)).unwrap();
+    }
+    let s = |name: &str| src.path().join(name).to_string_lossy().into_owned();
+    let p = |name: &str| r.join(name).to_string_lossy().into_owned();
+    fs::write(s("foo.c"), "int foo(void) { return 1; }\n").unwrap();
+    fs::write(s("bar.c"), "int bar(void) { return 2; }\n").unwrap();
+    fs::write(
+        s("main.c"),
+        "int foo(void); int bar(void); int main(void) { return foo() + bar(); }\n",
+    )
+    .unwrap();
+    cc(&[
+        "-shared",
+        "-fPIC",
+        "-Wl,-soname,libfoo.so.1",
+        "-o",
+        &p("opt/app/lib/libfoo.so.1"),
+        &s("foo.c"),
+    ]);
+    symlink("libfoo.so.1", r.join("opt/app/lib/libfoo.so")).unwrap();
+    cc(&[
+        "-shared",
+        "-fPIC",
+        "-o",
+        &p("opt/other/lib/libbar.so"),
+        &s("bar.c"),
+    ]);
+    cc(&[
+        "-o",
+        &p("opt/app/bin/prog"),
+        &s("main.c"),
+        &format!("-L{}", p("opt/app/lib")),
+        &format!("-L{}", p("opt/other/lib")),
+        "-lfoo",
+        "-lbar",
+        "-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib",
+    ]);
+    fs::copy(
+        canonical("/lib64/ld-linux-x86-64.so.2"),
+        r.join("lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+    )
+    .unwrap();
+    symlink(
+        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        r.join("lib64/ld-linux-x86-64.so.2"),
+    )
+    .unwrap();
+    fs::copy(
+        canonical("/lib/x86_64-linux-gnu/libc.so.6"),
+        r.join("lib/x86_64-linux-gnu/libc.so.6"),
+    )
+    .unwrap();
+    fs::write(
+        r.join("etc/ld.so.conf"),
+        "include /etc/ld.so.conf.d/*.conf\n",
+    )
+    .unwrap();
+    fs::write(
+        r.join("etc/ld.so.conf.d/other.conf"),
+        "# extra\n/opt/other/lib\n",
+    )
+    .unwrap();
+    fs::write(r.join("etc/ld.so.conf.d/ignored.txt"), "/nowhere\n").unwrap();
+
+    let view = DirView::new(r).unwrap();
+    let list = analyze_entrypoint(&view, &config(&["prog"], "/", &["PATH=/opt/app/bin"])).unwrap();
+    let paths: Vec<&str> = list.paths().map(|p| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "/opt/app/bin/prog",
+            "/lib64/ld-linux-x86-64.so.2",
+            "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            "/opt/app/lib/libfoo.so.1",
+            "/opt/other/lib/libbar.so",
+            "/lib/x86_64-linux-gnu/libc.so.6",
+        ]
+    );
+    assert!(list.warnings.is_empty(), "{:?}", list.warnings);
+    assert_eq!(
+        list.entries[3].reason,
+        Reason::SharedLibrary {
+            name: "libfoo.so.1".to_owned(),
+            needed_by: ImagePath::new("/opt/app/bin/prog"),
+        }
+    );
+
+    // Without the conf include, libbar is reported, not guessed.
+    fs::remove_file(r.join("etc/ld.so.conf.d/other.conf")).unwrap();
+    let list = analyze_entrypoint(&view, &config(&["/opt/app/bin/prog"], "/", &[])).unwrap();
+    assert!(!list.contains("/opt/other/lib/libbar.so"));
+    assert!(
+        list.warnings
+            .iter()
+            .any(|w| matches!(w, Warning::LibraryNotFound { name, .. } if name == "libbar.so"))
+    );
+    // LD_LIBRARY_PATH from the image config is searched too.
+    let list = analyze_entrypoint(
+        &view,
+        &config(
+            &["/opt/app/bin/prog"],
+            "/",
+            &["LD_LIBRARY_PATH=/opt/other/lib"],
+        ),
+    )
+    .unwrap();
+    assert!(list.contains("/opt/other/lib/libbar.so"));
+}
