@@ -404,20 +404,6 @@ fn layer_stack_view_runs_the_same_analysis() {
         "the opaque directory hides /app/start"
     );
 }
-#[test]
-fn zz_print_debug() {
-    let list = analyze_entrypoint(
-        &host(),
-        &config(&["/usr/bin/python3", "/tmp/straceprobe/s.py"], "/", &[]),
-    )
-    .unwrap();
-    for e in &list.entries {
-        println!("{} [{:?}] {}", e.path, e.kind, e.reason);
-    }
-    for w in &list.warnings {
-        println!("WARN {w}");
-    }
-}
 
 fn cc(args: &[&str]) {
     let status = std::process::Command::new("cc")
