@@ -188,17 +188,18 @@ impl<'v> Analyzer<'v> {
     }
 
     /// Finds the program `execve` runs for `command`: a path (relative to `cwd`) when
-    /// it contains `/`, else the first executable regular file in `PATH`.
+    /// it contains `/`, else the first executable regular file in `PATH`. Returns the
+    /// path handed to `execve` (symlinks not resolved) with its resolution.
     fn find_command(
         &mut self,
         command: &str,
         cwd: &ImagePath,
         env: &Env,
-    ) -> Result<Option<Resolution>, PrefetchError> {
+    ) -> Result<Option<(ImagePath, Resolution)>, PrefetchError> {
         if command.contains('/') {
             let resolution = resolve(self.view, cwd, command, true)?;
             if resolution.info.as_ref().is_some_and(FileInfo::is_file) {
-                return Ok(Some(resolution));
+                return Ok(Some((cwd.join(command), resolution)));
             }
             self.warn_unresolved(command, &resolution, "command");
             return Ok(None);
@@ -219,7 +220,7 @@ impl<'v> Analyzer<'v> {
                 .as_ref()
                 .is_some_and(|info| info.is_file() && info.is_executable())
             {
-                return Ok(Some(resolution));
+                return Ok(Some((candidate, resolution)));
             }
         }
         Ok(None)
@@ -244,7 +245,7 @@ impl<'v> Analyzer<'v> {
             return Ok(());
         }
         self.execs += 1;
-        let Some(resolution) = self.find_command(command, cwd, env)? else {
+        let Some((invoked, resolution)) = self.find_command(command, cwd, env)? else {
             self.warnings.push(Warning::CommandNotFound {
                 command: command.clone(),
             });
@@ -261,16 +262,11 @@ impl<'v> Analyzer<'v> {
         );
         let header = self.view.read(&program, EXEC_HEADER_BYTES)?;
         if let Some(rest) = header.strip_prefix(b"#!") {
-            // The kernel hands the script path as exec'd (after the PATH search).
+            // The kernel hands the interpreter the script path as exec'd.
             let script_arg = if command.contains('/') {
                 command.clone()
             } else {
-                resolution
-                    .links
-                    .first()
-                    .unwrap_or(&program)
-                    .as_str()
-                    .to_owned()
+                invoked.as_str().to_owned()
             };
             let Some((interpreter, optional_arg)) = parse_shebang(rest) else {
                 self.warnings
@@ -295,7 +291,7 @@ impl<'v> Analyzer<'v> {
             return Ok(());
         }
         self.load_program(&program, env)?;
-        self.program_semantics(argv, &program, cwd, env, depth)
+        self.program_semantics(argv, &invoked, &program, cwd, env, depth)
     }
 
     /// What a known program does with its arguments: runs another command, or reads
@@ -303,6 +299,7 @@ impl<'v> Analyzer<'v> {
     fn program_semantics(
         &mut self,
         argv: &[String],
+        invoked: &ImagePath,
         program: &ImagePath,
         cwd: &ImagePath,
         env: &Env,
@@ -326,7 +323,7 @@ impl<'v> Analyzer<'v> {
             "env" => self.env_command(args, cwd, env, depth),
             "node" | "nodejs" => self.node(args, program, cwd),
             "java" => self.java(args, program, cwd),
-            _ if is_python_name(&name) => self.python(argv, program, cwd, env),
+            _ if is_python_name(&name) => self.python(argv, invoked, program, cwd, env),
             _ => {
                 if let Some(rest) = wrapped_command(&name, args) {
                     if !rest.is_empty() {

@@ -536,3 +536,63 @@ fn elf_runpath_origin_and_ld_so_conf_include() {
     .unwrap();
     assert!(list.contains("/opt/other/lib/libbar.so"));
 }
+
+/// A venv found through `PATH`: its `pyvenv.cfg`, its site-packages instead of the
+/// system's, and `-c` / `-m` forms.
+#[test]
+fn python_venv_in_path_with_c_and_m() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = canonical(dir.path().to_str().unwrap());
+    let base = Path::new(&base);
+    let site = base.join("venv/lib/python3.11/site-packages");
+    fs::create_dir_all(base.join("venv/bin")).unwrap();
+    fs::create_dir_all(site.join("mypkg")).unwrap();
+    symlink("/usr/bin/python3.11", base.join("venv/bin/python")).unwrap();
+    fs::write(base.join("venv/pyvenv.cfg"), "home = /usr/bin\n").unwrap();
+    fs::write(
+        site.join("mypkg/__init__.py"),
+        "from . import helpers\nimport colorsys\n",
+    )
+    .unwrap();
+    fs::write(site.join("mypkg/helpers.py"), "import textwrap\n").unwrap();
+    fs::write(site.join("mypkg/__main__.py"), "import shlex\n").unwrap();
+    let path_env = format!("PATH={}:/usr/bin:/bin", base.join("venv/bin").display());
+    let b = |rel: &str| base.join(rel).to_string_lossy().into_owned();
+
+    let list = analyze_entrypoint(
+        &host(),
+        &config(&["python", "-c", "import mypkg"], "/", &[&path_env]),
+    )
+    .unwrap();
+    assert_has(&list, &b("venv/bin/python"));
+    assert_has(&list, "/usr/bin/python3.11");
+    assert_has(&list, &b("venv/pyvenv.cfg"));
+    assert_has(
+        &list,
+        &b("venv/lib/python3.11/site-packages/mypkg/__init__.py"),
+    );
+    assert_has(
+        &list,
+        &b("venv/lib/python3.11/site-packages/mypkg/helpers.py"),
+    );
+    assert_has(&list, "/usr/lib/python3.11/colorsys.py");
+    assert_has(&list, "/usr/lib/python3.11/textwrap.py");
+    assert!(!list.contains(&b("venv/lib/python3.11/site-packages/mypkg/__main__.py")));
+    assert!(
+        !list
+            .paths()
+            .any(|p| p.as_str().starts_with("/usr/lib/python3/dist-packages")),
+        "a venv does not see the system site-packages"
+    );
+
+    let list = analyze_entrypoint(
+        &host(),
+        &config(&["python", "-m", "mypkg"], "/", &[&path_env]),
+    )
+    .unwrap();
+    assert_has(
+        &list,
+        &b("venv/lib/python3.11/site-packages/mypkg/__main__.py"),
+    );
+    assert_has(&list, "/usr/lib/python3.11/shlex.py");
+}

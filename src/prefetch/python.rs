@@ -564,16 +564,19 @@ fn version_from_name(name: &str) -> Option<(u32, u32)> {
 }
 
 impl Analyzer<'_> {
-    /// Follows a CPython start: `argv[0]` is how it was invoked, `program` the binary.
+    /// Follows a CPython start: `invoked` is the path `execve` was given (a venv's
+    /// `bin/python` symlink), `program` the binary it resolves to.
     pub(super) fn python(
         &mut self,
         argv: &[String],
+        invoked: &ImagePath,
         program: &ImagePath,
         cwd: &ImagePath,
         env: &Env,
     ) -> Result<(), PrefetchError> {
         let args = parse_python_args(&argv[1..]);
-        let Some(mut interpreter) = self.find_interpreter(argv, program, cwd, env, &args)? else {
+        let Some(mut interpreter) = self.find_interpreter(invoked, program, cwd, env, &args)?
+        else {
             self.warnings.push(Warning::PythonStdlibNotFound {
                 interpreter: program.clone(),
             });
@@ -707,7 +710,7 @@ impl Analyzer<'_> {
     /// path setup reads (`pyvenv.cfg`).
     fn find_interpreter(
         &mut self,
-        argv: &[String],
+        invoked: &ImagePath,
         program: &ImagePath,
         cwd: &ImagePath,
         env: &Env,
@@ -779,12 +782,7 @@ impl Analyzer<'_> {
         sys_path.push(stdlib.join("lib-dynload"));
         if !args.no_site {
             // A venv: `pyvenv.cfg` next to the invoked binary or one level up.
-            let invoked = cwd.join(&argv[0]);
-            let invoked_dir = if argv[0].contains('/') {
-                invoked.parent()
-            } else {
-                program.parent()
-            };
+            let invoked_dir = invoked.parent();
             let mut venv = None;
             for dir in [invoked_dir.clone(), invoked_dir.parent()] {
                 let cfg = dir.join("pyvenv.cfg");
