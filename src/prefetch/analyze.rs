@@ -95,7 +95,6 @@ pub(super) struct Analyzer<'v> {
     loaded_paths: HashSet<ImagePath>,
     main: Option<MainObject>,
     ld_conf_dirs: Option<Vec<ImagePath>>,
-    loader_started: HashSet<ImagePath>,
     pub(super) dir_listings: HashMap<ImagePath, Option<std::rc::Rc<Vec<String>>>>,
 }
 
@@ -111,7 +110,6 @@ impl<'v> Analyzer<'v> {
             loaded_paths: HashSet::new(),
             main: None,
             ld_conf_dirs: None,
-            loader_started: HashSet::new(),
             dir_listings: HashMap::new(),
         }
     }
@@ -157,14 +155,9 @@ impl<'v> Analyzer<'v> {
     }
 
     pub(super) fn warn_unresolved(&mut self, path: &str, resolution: &Resolution, context: &str) {
-        let failure = match resolution.failure {
-            Some(ResolveFailure::Missing) | None => "missing",
-            Some(ResolveFailure::NotADirectory) => "a parent is not a directory",
-            Some(ResolveFailure::TooManySymlinks) => "too many symlinks (a loop?)",
-        };
         self.warnings.push(Warning::Unresolved {
             path: path.to_owned(),
-            failure: failure.to_owned(),
+            failure: resolution.failure.unwrap_or(ResolveFailure::Missing),
             context: context.to_owned(),
         });
     }
@@ -716,11 +709,7 @@ impl<'v> Analyzer<'v> {
             );
         }
         if flavor == LoaderFlavor::Glibc {
-            let preload_file = ImagePath::new("/etc/ld.so.preload");
-            if !self.loader_started.contains(&preload_file)
-                && let Some(path) =
-                    self.add_file(&root, preload_file.as_str(), Reason::LoaderConfig)?
-            {
+            if let Some(path) = self.add_file(&root, "/etc/ld.so.preload", Reason::LoaderConfig)? {
                 let text = self.view.read(&path, MAX_CONFIG_BYTES)?;
                 let text = String::from_utf8_lossy(&text);
                 preload.extend(
@@ -731,7 +720,6 @@ impl<'v> Analyzer<'v> {
                         .map(str::to_owned),
                 );
             }
-            self.loader_started.insert(preload_file);
             self.add_file(&root, "/etc/ld.so.cache", Reason::LoaderConfig)?;
         } else {
             let path_file = format!("/etc/ld-musl-{}.path", identity.musl_arch());

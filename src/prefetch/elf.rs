@@ -29,7 +29,7 @@ pub(crate) struct ElfIdentity {
 
 impl ElfIdentity {
     /// The Debian multiarch triplet for `$LIB` and the default directories.
-    fn triplet(self) -> Option<&'static str> {
+    pub fn triplet(self) -> Option<&'static str> {
         Some(match (self.machine, self.is_64) {
             (EM_X86_64, true) => "x86_64-linux-gnu",
             (EM_AARCH64, true) => "aarch64-linux-gnu",

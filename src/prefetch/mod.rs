@@ -79,6 +79,41 @@ pub struct ImageConfigInfo {
     pub env: Vec<String>,
 }
 
+impl ImageConfigInfo {
+    /// Reads the fields from an OCI image config blob
+    /// (`application/vnd.oci.image.config.v1+json`, or Docker's equivalent).
+    /// Absent and `null` fields are empty.
+    pub fn from_oci_config(json: &[u8]) -> Result<ImageConfigInfo, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct Blob {
+            #[serde(default)]
+            config: Option<Fields>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Fields {
+            #[serde(default)]
+            entrypoint: Option<Vec<String>>,
+            #[serde(default)]
+            cmd: Option<Vec<String>>,
+            #[serde(default)]
+            working_dir: Option<String>,
+            #[serde(default)]
+            env: Option<Vec<String>>,
+        }
+        let blob: Blob = serde_json::from_slice(json)?;
+        let Some(fields) = blob.config else {
+            return Ok(ImageConfigInfo::default());
+        };
+        Ok(ImageConfigInfo {
+            entrypoint: fields.entrypoint.unwrap_or_default(),
+            cmd: fields.cmd.unwrap_or_default(),
+            working_dir: fields.working_dir.unwrap_or_default(),
+            env: fields.env.unwrap_or_default(),
+        })
+    }
+}
+
 /// What kind of entry a prefetched path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum PrefetchKind {
@@ -178,7 +213,7 @@ pub enum Warning {
     /// A path named by the image does not resolve.
     Unresolved {
         path: String,
-        failure: String,
+        failure: ResolveFailure,
         context: String,
     },
     /// An executable that is neither ELF nor a `#!` script.
@@ -247,5 +282,25 @@ impl PrefetchList {
 
     pub fn contains(&self, path: &str) -> bool {
         self.paths().any(|p| p.as_str() == path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_an_oci_config_blob() {
+        let blob = br#"{"architecture":"amd64","os":"linux","config":{
+            "Env":["PATH=/usr/local/bin:/usr/bin","LANG=C.UTF-8"],
+            "Entrypoint":null,"Cmd":["python3","app.py"],"WorkingDir":"/srv"}}"#;
+        let config = ImageConfigInfo::from_oci_config(blob).unwrap();
+        assert_eq!(config.entrypoint, Vec::<String>::new());
+        assert_eq!(config.cmd, vec!["python3", "app.py"]);
+        assert_eq!(config.working_dir, "/srv");
+        assert_eq!(config.env.len(), 2);
+        let bare = ImageConfigInfo::from_oci_config(br#"{"os":"linux"}"#).unwrap();
+        assert_eq!(bare, ImageConfigInfo::default());
+        assert!(ImageConfigInfo::from_oci_config(b"not json").is_err());
     }
 }

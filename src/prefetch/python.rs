@@ -591,7 +591,7 @@ impl Analyzer<'_> {
             }
             return Ok(());
         };
-        self.python_locale(env)?;
+        self.python_locale(program, env)?;
         // What the interpreter imports before the script runs.
         let mut roots: Vec<(String, String)> = Vec::new();
         let startup = "<startup>".to_owned();
@@ -797,19 +797,21 @@ impl Analyzer<'_> {
             if let Some(venv) = &venv {
                 sys_path.push(venv.join(&format!("lib/python{major}.{minor}/site-packages")));
             }
-            let mut site_dirs = vec![
-                prefix.join(&format!("lib/python{major}.{minor}/site-packages")),
-                // Debian's layout.
-                ImagePath::new(&format!(
-                    "/usr/local/lib/python{major}.{minor}/dist-packages"
-                )),
-                ImagePath::new(&format!("/usr/lib/python{major}/dist-packages")),
-                ImagePath::new(&format!("/usr/lib/python{major}.{minor}/dist-packages")),
-            ];
-            if venv.is_some() {
-                site_dirs.clear();
+            if venv.is_none() {
+                sys_path.push(prefix.join(&format!("lib/python{major}.{minor}/site-packages")));
+                if prefix.as_str() == "/usr" {
+                    // A distribution's own python: Fedora's platlib, and Debian's
+                    // patched `site` with its dist-packages directories.
+                    for dir in [
+                        format!("/usr/lib64/python{major}.{minor}/site-packages"),
+                        format!("/usr/local/lib/python{major}.{minor}/dist-packages"),
+                        format!("/usr/lib/python{major}/dist-packages"),
+                        format!("/usr/lib/python{major}.{minor}/dist-packages"),
+                    ] {
+                        sys_path.push(ImagePath::new(&dir));
+                    }
+                }
             }
-            sys_path.extend(site_dirs);
         }
         let mut usable = Vec::new();
         for dir in sys_path {
@@ -878,7 +880,7 @@ impl Analyzer<'_> {
     }
 
     /// CPython sets the C library's LC_CTYPE at start (coercing the C locale to C.UTF-8).
-    fn python_locale(&mut self, env: &Env) -> Result<(), PrefetchError> {
+    fn python_locale(&mut self, program: &ImagePath, env: &Env) -> Result<(), PrefetchError> {
         let root = ImagePath::root();
         let locale = ["LC_ALL", "LC_CTYPE", "LANG"]
             .iter()
@@ -924,13 +926,17 @@ impl Analyzer<'_> {
                 )?;
             }
         }
-        for triplet_dir in [
-            "/usr/lib/x86_64-linux-gnu",
-            "/usr/lib/aarch64-linux-gnu",
-            "/usr/lib64",
-            "/usr/lib",
-        ] {
-            let cache = format!("{triplet_dir}/gconv/gconv-modules.cache");
+        let header = self.view.read(program, 64)?;
+        let mut lib_dirs: Vec<String> = Vec::new();
+        if let Some(identity) = elf::identity(&header) {
+            lib_dirs.extend(identity.triplet().map(|t| format!("/usr/lib/{t}")));
+            if identity.is_64 {
+                lib_dirs.push("/usr/lib64".to_owned());
+            }
+        }
+        lib_dirs.push("/usr/lib".to_owned());
+        for dir in lib_dirs {
+            let cache = format!("{dir}/gconv/gconv-modules.cache");
             if self.add_file(&root, &cache, Reason::Locale)?.is_some() {
                 break;
             }

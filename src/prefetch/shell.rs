@@ -72,7 +72,7 @@ impl Parser<'_> {
                     self.at += 1;
                 }
                 '\n' | ';' | '&' | '|' | '(' | ')' => {
-                    if c == '&' && self.word_is_fd_prefix() && self.peek(1) == Some('>') {
+                    if c == '&' && !self.in_word && self.peek(1) == Some('>') {
                         // `&>file` (bash): redirect both streams.
                         self.at += 2;
                         self.finish_word();
@@ -129,10 +129,6 @@ impl Parser<'_> {
             }
         }
         self.finish_command();
-    }
-
-    fn word_is_fd_prefix(&self) -> bool {
-        !self.in_word
     }
 
     fn redirection(&mut self) {

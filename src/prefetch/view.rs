@@ -76,7 +76,7 @@ pub trait ImageView {
 }
 
 /// Why a path could not be resolved to something that exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum ResolveFailure {
     /// A component does not exist.
     Missing,
@@ -84,6 +84,16 @@ pub enum ResolveFailure {
     NotADirectory,
     /// More than [`MAX_SYMLINKS`] symlinks were followed (a loop, or an absurd chain).
     TooManySymlinks,
+}
+
+impl std::fmt::Display for ResolveFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResolveFailure::Missing => "missing",
+            ResolveFailure::NotADirectory => "a parent is not a directory",
+            ResolveFailure::TooManySymlinks => "too many symlinks (a loop?)",
+        })
+    }
 }
 
 /// How many symlinks one resolution follows before giving up, as Linux does (`ELOOP`).
