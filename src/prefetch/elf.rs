@@ -294,6 +294,44 @@ mod tests {
         assert_eq!(expand_search_dir("/plain", &origin, X86_64), vec!["/plain"]);
     }
 
+    /// Truncated and corrupted copies of a real program never panic the parser.
+    #[test]
+    fn damaged_elf_files_are_reported_not_fatal() {
+        use crate::prefetch::DirView;
+        let original = std::fs::read("/usr/bin/env").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let view = DirView::new(dir.path()).unwrap();
+        let path = ImagePath::new("/prog");
+        let (identity, deps) = {
+            std::fs::write(dir.path().join("prog"), &original).unwrap();
+            inspect(&view, &path).unwrap().unwrap()
+        };
+        assert_eq!(identity.machine, EM_X86_64);
+        assert!(deps.interpreter.is_some());
+        assert!(deps.needed.iter().any(|n| n == "libc.so.6"));
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rejected = 0;
+        for round in 0..300usize {
+            let mut bytes = original.clone();
+            if round % 3 == 0 {
+                bytes.truncate((round * 37) % 8192);
+            } else {
+                for _ in 0..(1 + round % 16) {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    // Corrupt the headers and the start of the file, where the tables live.
+                    let at = (seed >> 33) as usize % 4096;
+                    bytes[at] = (seed >> 13) as u8;
+                }
+            }
+            std::fs::write(dir.path().join("prog"), &bytes).unwrap();
+            // Any outcome but a panic or an I/O error is fine.
+            if inspect(&view, &path).unwrap().is_err() {
+                rejected += 1;
+            }
+        }
+        assert!(rejected > 0, "truncated headers must be rejected");
+    }
+
     #[test]
     fn garbage_is_not_elf() {
         assert_eq!(identity(b"#!/bin/sh\n"), None);
