@@ -406,4 +406,22 @@ mod tests {
             vec![vec![None, Some("app.py".to_owned()), None]]
         );
     }
+
+    /// Unbalanced quotes, brackets and expansions, with multi-byte characters.
+    #[test]
+    fn arbitrary_text_never_panics() {
+        let alphabet: Vec<char> = "ab_ .,;:()[]{}'\"\\#$@*`\n\t=<>&|-é€import from def try except"
+            .chars()
+            .collect();
+        let mut seed: u64 = 42;
+        for length in 0..400usize {
+            let text: String = (0..length)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    alphabet[(seed >> 33) as usize % alphabet.len()]
+                })
+                .collect();
+            let _ = parse_commands(&text, &|_| Some("v a".to_owned()), &[]);
+        }
+    }
 }
