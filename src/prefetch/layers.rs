@@ -83,6 +83,8 @@ where
 #[derive(Debug, Clone)]
 struct Merged {
     info: FileInfo,
+    /// The layer whose entry is visible here; `None` for directories no layer names.
+    layer: Option<LayerPosition>,
     /// Where the content lives: (layer, path in that layer). Differs from the key for
     /// hard links.
     source: Option<(LayerPosition, ImagePath)>,
@@ -138,7 +140,15 @@ impl<C: LayerContent> LayerStackView<C> {
                     mode: entry.mode & 0o7777,
                 };
                 let source = info.is_file().then(|| (position, path.clone()));
-                insert(&mut merged, path, Merged { info, source });
+                insert(
+                    &mut merged,
+                    path,
+                    Merged {
+                        info,
+                        layer: Some(position),
+                        source,
+                    },
+                );
             }
             for (path, target, mode) in hardlinks {
                 let Some(linked) = merged.get(&target).filter(|m| m.info.is_file()).cloned() else {
@@ -153,12 +163,28 @@ impl<C: LayerContent> LayerStackView<C> {
                     path,
                     Merged {
                         info,
+                        layer: Some(position),
                         source: linked.source,
                     },
                 );
             }
         }
         LayerStackView { merged, content }
+    }
+
+    /// The layer whose entry is visible at `path` (the one the converter should move
+    /// to the front); `None` when nothing is there or no layer names the directory.
+    pub fn layer_of(&self, path: &ImagePath) -> Option<LayerPosition> {
+        self.merged.get(path).and_then(|entry| entry.layer)
+    }
+
+    /// Where the bytes of the regular file at `path` live: a layer and the path in
+    /// it, which differs from `path` for a hard link.
+    pub fn content_source(&self, path: &ImagePath) -> Option<(LayerPosition, &ImagePath)> {
+        self.merged
+            .get(path)
+            .and_then(|entry| entry.source.as_ref())
+            .map(|(layer, source)| (*layer, source))
     }
 }
 
@@ -169,6 +195,7 @@ fn implicit_dir() -> Merged {
             size: 0,
             mode: 0o755,
         },
+        layer: None,
         source: None,
     }
 }
@@ -305,6 +332,14 @@ mod tests {
             layer(&[("./etc/a", file("x"))]),
         ]);
         assert_eq!(read(&view, "/etc/a"), "1:/etc/a");
+        assert_eq!(
+            view.layer_of(&ImagePath::new("/etc/a")),
+            Some(LayerPosition(1))
+        );
+        assert_eq!(
+            view.layer_of(&ImagePath::new("/etc/b")),
+            Some(LayerPosition(0))
+        );
         assert_eq!(read(&view, "/etc/b"), "0:/etc/b");
         assert!(exists(&view, "/etc"), "implicit parent directory");
         assert_eq!(
@@ -465,6 +500,17 @@ mod tests {
             ),
         ])]);
         assert_eq!(read(&view, "/bin/sh"), "0:/bin/busybox");
+        let sh = ImagePath::new("/bin/sh");
+        assert_eq!(view.layer_of(&sh), Some(LayerPosition(0)));
+        assert_eq!(
+            view.content_source(&sh),
+            Some((LayerPosition(0), &ImagePath::new("/bin/busybox")))
+        );
+        assert_eq!(
+            view.layer_of(&ImagePath::new("/bin")),
+            None,
+            "implied directory"
+        );
         assert!(
             view.lstat(&ImagePath::new("/bin/sh"))
                 .unwrap()

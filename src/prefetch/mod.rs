@@ -283,6 +283,14 @@ impl PrefetchList {
     pub fn contains(&self, path: &str) -> bool {
         self.paths().any(|p| p.as_str() == path)
     }
+
+    /// The regular files, in order (without the symlinks walked to reach them).
+    pub fn files(&self) -> impl Iterator<Item = &ImagePath> {
+        self.entries
+            .iter()
+            .filter(|entry| entry.kind == PrefetchKind::File)
+            .map(|entry| &entry.path)
+    }
 }
 
 #[cfg(test)]
