@@ -598,4 +598,29 @@ fn python_venv_in_path_with_c_and_m() {
         &b("venv/lib/python3.11/site-packages/mypkg/__main__.py"),
     );
     assert_has(&list, "/usr/lib/python3.11/shlex.py");
+
+    // A console script (what `pip install` writes) serving `web:app` from the cwd.
+    write_script(
+        &base.join("venv/bin"),
+        "server",
+        &format!(
+            "#!{}\nimport sys\nfrom mypkg import helpers\n",
+            b("venv/bin/python")
+        ),
+    );
+    fs::create_dir_all(base.join("srv")).unwrap();
+    fs::write(base.join("srv/web.py"), "import html\napp = None\n").unwrap();
+    let list = analyze_entrypoint(
+        &host(),
+        &config(&["server", "-b", ":80", "web:app"], &b("srv"), &[&path_env]),
+    )
+    .unwrap();
+    assert_eq!(list.entries[0].path.as_str(), b("venv/bin/server"));
+    assert_has(&list, &b("venv/pyvenv.cfg"));
+    assert_has(
+        &list,
+        &b("venv/lib/python3.11/site-packages/mypkg/helpers.py"),
+    );
+    assert_has(&list, &b("srv/web.py"));
+    assert_has(&list, "/usr/lib/python3.11/html/__init__.py");
 }

@@ -497,10 +497,20 @@ struct PythonArgs {
     module: Option<String>,
     no_site: bool,
     ignore_env: bool,
+    /// The arguments the script (or `-c`/`-m`) gets.
+    rest: Vec<String>,
 }
 
 fn parse_python_args(args: &[String]) -> PythonArgs {
     let mut parsed = PythonArgs::default();
+    let rest_start = parse_python_options(args, &mut parsed);
+    parsed.rest = args.get(rest_start..).unwrap_or_default().to_vec();
+    parsed
+}
+
+/// Fills `parsed` from the interpreter options; returns where the program's own
+/// arguments start.
+fn parse_python_options(args: &[String], parsed: &mut PythonArgs) -> usize {
     let mut index = 0;
     while let Some(arg) = args.get(index) {
         index += 1;
@@ -512,7 +522,7 @@ fn parse_python_args(args: &[String]) -> PythonArgs {
         }
         if arg == "--" {
             parsed.script = args.get(index).cloned();
-            break;
+            return index + 1;
         }
         if arg.starts_with("--") {
             if arg == "--check-hash-based-pycs" {
@@ -534,11 +544,11 @@ fn parse_python_args(args: &[String]) -> PythonArgs {
             match flag {
                 'c' => {
                     parsed.command = value();
-                    return parsed;
+                    return index;
                 }
                 'm' => {
                     parsed.module = value();
-                    return parsed;
+                    return index;
                 }
                 'W' | 'X' => {
                     value();
@@ -551,7 +561,21 @@ fn parse_python_args(args: &[String]) -> PythonArgs {
             }
         }
     }
-    parsed
+    index
+}
+
+/// `package.module:attribute`, how WSGI/ASGI servers and task runners name the
+/// application they import (`gunicorn app.wsgi:application`, `uvicorn main:app`).
+fn app_spec_module(arg: &str) -> Option<&str> {
+    let (module, attribute) = arg.split_once(':')?;
+    let is_name = |s: &str| {
+        s.chars()
+            .next()
+            .is_some_and(|c| c.is_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_alphanumeric() || c == '_')
+    };
+    let attribute = attribute.split('(').next().unwrap_or_default();
+    (module.split('.').all(is_name) && is_name(attribute)).then_some(module)
 }
 
 /// `3.11` from `python3.11`.
@@ -609,6 +633,23 @@ impl Analyzer<'_> {
             }
             for pth_import in self.python_pth_files(&mut interpreter)? {
                 roots.push((pth_import, "a .pth file".to_owned()));
+            }
+        }
+        // Servers import the application named on their command line, with the
+        // working directory on `sys.path`.
+        let app_modules: Vec<&str> = args
+            .rest
+            .iter()
+            .filter_map(|a| app_spec_module(a))
+            .collect();
+        if !app_modules.is_empty() {
+            if !interpreter.sys_path.contains(cwd) {
+                interpreter
+                    .sys_path
+                    .insert(1.min(interpreter.sys_path.len()), cwd.clone());
+            }
+            for module in app_modules {
+                roots.push((module.to_owned(), "the command line".to_owned()));
             }
         }
         let mut main_imports = Vec::new();
@@ -1318,6 +1359,19 @@ x = __import__("dynamic.name")
         assert!(parsed.command.is_none());
         let parsed = parse_python_args(&args(&["-Bm", "http.server", "80"]));
         assert_eq!(parsed.module.as_deref(), Some("http.server"));
+        assert_eq!(parsed.rest, vec!["80"]);
+        let parsed = parse_python_args(&args(&[
+            "/usr/local/bin/gunicorn",
+            "-b",
+            ":80",
+            "app:create()",
+        ]));
+        assert_eq!(parsed.rest, vec!["-b", ":80", "app:create()"]);
+        assert_eq!(app_spec_module("app.wsgi:application"), Some("app.wsgi"));
+        assert_eq!(app_spec_module("app:create()"), Some("app"));
+        assert_eq!(app_spec_module(":80"), None);
+        assert_eq!(app_spec_module("0.0.0.0:80"), None);
+        assert_eq!(app_spec_module("http://x"), None);
         let parsed = parse_python_args(&args(&["-S", "-c", "import json"]));
         assert_eq!(parsed.command.as_deref(), Some("import json"));
         assert!(parsed.no_site);
