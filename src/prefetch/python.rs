@@ -251,8 +251,65 @@ enum Block {
     Plain,
 }
 
+/// Whether an `if`/`elif` condition is known to be false when a module is imported
+/// on Linux: `TYPE_CHECKING`, another platform (`sys.platform == "win32"`,
+/// `sys.platform.startswith("darwin")`, `os.name == "nt"`, a bare `_mswindows`-style
+/// flag), or `__name__ == "__main__"` outside the main script. Compound conditions
+/// are not evaluated.
+fn condition_is_false(condition: &[(Token, usize)], is_main: bool) -> bool {
+    let tokens: Vec<&Token> = condition.iter().map(|(t, _)| t).collect();
+    let name = |i: usize| match tokens.get(i) {
+        Some(Token::Name(n)) => Some(n.as_str()),
+        _ => None,
+    };
+    let string = |i: usize| match tokens.get(i) {
+        Some(Token::Str(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    let op = |i: usize, c: char| tokens.get(i) == Some(&&Token::Op(c));
+    if tokens
+        .iter()
+        .any(|t| matches!(t, Token::Name(n) if n == "TYPE_CHECKING"))
+    {
+        return true;
+    }
+    if tokens
+        .iter()
+        .any(|t| matches!(t, Token::Name(n) if n == "and" || n == "or" || n == "not"))
+    {
+        return false;
+    }
+    let equals_at = |i: usize| op(i, '=') && op(i + 1, '=');
+    match tokens.len() {
+        1 => name(0).is_some_and(|n| {
+            let n = n.to_ascii_lowercase();
+            n.contains("windows") || n.contains("win32") || n.contains("mswin")
+        }),
+        // NAME == "STR"
+        4 if equals_at(1) => match (name(0), string(3)) {
+            (Some("__name__"), Some("__main__")) => !is_main,
+            _ => false,
+        },
+        // MODULE . ATTR == "STR"
+        6 if op(1, '.') && equals_at(3) => match (name(0), name(2), string(5)) {
+            (Some("sys"), Some("platform"), Some(value)) => !value.starts_with("linux"),
+            (Some("os"), Some("name"), Some(value)) => value != "posix",
+            _ => false,
+        },
+        // sys . platform . startswith ( "STR" )
+        8 if op(1, '.') && op(3, '.') && op(5, '(') => {
+            name(0) == Some("sys")
+                && name(2) == Some("platform")
+                && name(4) == Some("startswith")
+                && string(6).is_some_and(|prefix| !"linux".starts_with(prefix))
+        }
+        _ => false,
+    }
+}
+
 /// The imports a module executes when it is imported, in source order.
-pub(crate) fn parse_imports(source: &str) -> Vec<Import> {
+/// `is_main`: the source runs as `__main__` (the script, or `-c`).
+pub(crate) fn parse_imports(source: &str, is_main: bool) -> Vec<Import> {
     let mut imports = Vec::new();
     let mut blocks: Vec<(usize, Block)> = Vec::new();
     let mut tries = 0;
@@ -280,9 +337,14 @@ pub(crate) fn parse_imports(source: &str) -> Vec<Import> {
             while let Some((Token::Name(keyword), _)) = statement.first() {
                 let opens = match keyword.as_str() {
                     "def" | "async" | "lambda" => Some(Block::Deferred),
-                    "if" if statement
-                        .iter()
-                        .any(|(t, _)| matches!(t, Token::Name(n) if n == "TYPE_CHECKING")) =>
+                    "if" | "elif"
+                        if condition_is_false(
+                            &statement[1..statement
+                                .iter()
+                                .position(|(t, d)| *t == Token::Op(':') && *d == 0)
+                                .unwrap_or(statement.len())],
+                            is_main,
+                        ) =>
                     {
                         Some(Block::Deferred)
                     }
@@ -655,7 +717,7 @@ impl Analyzer<'_> {
         let mut main_imports = Vec::new();
         let main_name = "__main__".to_owned();
         if let Some(code) = &args.command {
-            main_imports = parse_imports(code);
+            main_imports = parse_imports(code, true);
         } else if let Some(module) = &args.module {
             roots.push((module.clone(), main_name.clone()));
             roots.push((format!("{module}.__main__"), main_name.clone()));
@@ -672,7 +734,7 @@ impl Analyzer<'_> {
             match script_path {
                 Some(path) => {
                     let source = self.view.read(&path, MAX_SOURCE_BYTES)?;
-                    main_imports = parse_imports(&String::from_utf8_lossy(&source));
+                    main_imports = parse_imports(&String::from_utf8_lossy(&source), true);
                 }
                 None => {
                     let resolution = resolve(self.view, cwd, script, true)?;
@@ -716,7 +778,7 @@ impl Analyzer<'_> {
                 continue;
             }
             let text = self.view.read(&source, MAX_SOURCE_BYTES)?;
-            let imports = parse_imports(&String::from_utf8_lossy(&text));
+            let imports = parse_imports(&String::from_utf8_lossy(&text), false);
             let mut failed_tries = HashSet::new();
             for import in &imports {
                 if let ImportGuard::Fallback(id) = import.guard
@@ -905,7 +967,7 @@ impl Analyzer<'_> {
                         continue;
                     }
                     if line.starts_with("import ") || line.starts_with("import\t") {
-                        imports.extend(parse_imports(line).into_iter().map(|i| i.module));
+                        imports.extend(parse_imports(line, false).into_iter().map(|i| i.module));
                     } else {
                         let resolution = resolve(self.view, &dir, line, true)?;
                         if resolution.info.as_ref().is_some_and(FileInfo::is_dir)
@@ -928,6 +990,8 @@ impl Analyzer<'_> {
             .find_map(|name| env.get(*name).filter(|v| !v.is_empty()))
             .cloned()
             .unwrap_or_default();
+        // glibc reads the alias table when it looks a locale name up.
+        self.add_file(&root, "/usr/share/locale/locale.alias", Reason::Locale)?;
         if locale.is_empty() || locale == "C" || locale == "POSIX" {
             for candidate in [
                 "/usr/lib/locale/C.utf8/LC_CTYPE",
@@ -1256,7 +1320,7 @@ mod tests {
     use super::*;
 
     fn modules(source: &str) -> Vec<(String, usize, Vec<String>, ImportGuard)> {
-        parse_imports(source)
+        parse_imports(source, false)
             .into_iter()
             .map(|i| (i.module, i.level, i.names, i.guard))
             .collect()
@@ -1329,6 +1393,41 @@ x = __import__("dynamic.name")
         assert_eq!(
             modules(source),
             vec![plain("in_class"), plain("after_def"), plain("dynamic.name")]
+        );
+    }
+
+    #[test]
+    fn skips_branches_that_are_false_on_linux_at_import() {
+        let source = r#"
+if sys.platform == 'win32':
+    import _winapi
+elif sys.platform.startswith("darwin"):
+    import _scproxy
+else:
+    import _posixsubprocess
+if os.name == "nt": import nt
+if sys.platform != "win32":
+    import fcntl
+if _mswindows:
+    import msvcrt
+if sys.platform == "win32" or FORCE:
+    import maybe
+if TYPE_CHECKING:
+    import typing_only
+if __name__ == "__main__":
+    import doctest
+"#;
+        assert_eq!(
+            modules(source),
+            vec![plain("_posixsubprocess"), plain("fcntl"), plain("maybe")]
+        );
+        let main: Vec<String> = parse_imports(source, true)
+            .into_iter()
+            .map(|i| i.module)
+            .collect();
+        assert!(
+            main.contains(&"doctest".to_owned()),
+            "the script runs its main block"
         );
     }
 
@@ -1414,7 +1513,7 @@ x = __import__("dynamic.name")
                     alphabet[(seed >> 33) as usize % alphabet.len()]
                 })
                 .collect();
-            let _ = parse_imports(&text);
+            let _ = parse_imports(&text, false);
         }
     }
 }
