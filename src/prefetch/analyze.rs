@@ -62,8 +62,18 @@ pub fn analyze_entrypoint(
     } else {
         analyzer.exec(&argv, &cwd, &env, 0, None)?;
     }
+    let mut entries = std::mem::take(&mut analyzer.entries);
+    if !entries.is_empty() {
+        // runc resolves the process user in the image before it runs anything.
+        let root = ImagePath::root();
+        for file in ["/etc/passwd", "/etc/group"] {
+            analyzer.add_file(&root, file, Reason::RuntimeSetup)?;
+        }
+        analyzer.entries.append(&mut entries);
+        entries = analyzer.entries;
+    }
     Ok(PrefetchList {
-        entries: analyzer.entries,
+        entries,
         warnings: analyzer.warnings,
     })
 }

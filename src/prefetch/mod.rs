@@ -137,6 +137,9 @@ pub enum ModuleFile {
 /// Why a path is in the list; for debugging the analysis.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum Reason {
+    /// Read by the runtime (runc) before the entrypoint runs: user and group lookup,
+    /// also used to set `HOME`.
+    RuntimeSetup,
     /// The program `execve` runs for this command word.
     Executable { command: String },
     /// A symlink the kernel reads while resolving `resolving`.
@@ -170,6 +173,7 @@ pub enum Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Reason::RuntimeSetup => f.write_str("read by the runtime to set up the process user"),
             Reason::Executable { command } => write!(f, "executable for `{command}`"),
             Reason::Symlink { resolving } => write!(f, "symlink on the way to `{resolving}`"),
             Reason::ScriptInterpreter { script } => write!(f, "#! interpreter of {script}"),

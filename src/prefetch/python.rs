@@ -336,6 +336,8 @@ pub(crate) fn parse_imports(source: &str, is_main: bool) -> Vec<Import> {
             // A compound statement's body may follow its colon on the same line.
             while let Some((Token::Name(keyword), _)) = statement.first() {
                 let opens = match keyword.as_str() {
+                    // The main script usually calls its functions (`main()`).
+                    "def" | "async" | "lambda" if is_main => Some(Block::Plain),
                     "def" | "async" | "lambda" => Some(Block::Deferred),
                     "if" | "elif"
                         if condition_is_false(
@@ -1394,6 +1396,12 @@ x = __import__("dynamic.name")
             modules(source),
             vec![plain("in_class"), plain("after_def"), plain("dynamic.name")]
         );
+        // The main script's functions are expected to run (`main()`).
+        let main: Vec<String> = parse_imports(source, true)
+            .into_iter()
+            .map(|i| i.module)
+            .collect();
+        assert!(main.contains(&"in_function".to_owned()) && main.contains(&"deeper".to_owned()));
     }
 
     #[test]
