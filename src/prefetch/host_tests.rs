@@ -636,18 +636,17 @@ fn python_venv_in_path_with_c_and_m() {
     assert_has(&list, "/usr/lib/python3.11/html/__init__.py");
 }
 
-/// Ground truth: every regular file python's start really opens (as `strace`
-/// records it) is in the static list. Skipped where strace is missing or cannot
-/// trace (no ptrace in the sandbox).
-#[test]
-fn python_start_matches_strace() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = write_script(dir.path(), "script.py", SCRIPT_IMPORTS);
-    let trace = dir.path().join("trace");
+/// Runs `argv` under strace in `cwd` and returns the regular files it opened
+/// (canonical paths), or `None` where strace is missing or cannot trace (no
+/// ptrace in the sandbox).
+fn traced_opens(argv: &[&str], cwd: &Path) -> Option<Vec<String>> {
+    let out = tempfile::tempdir().unwrap();
+    let trace = out.path().join("trace");
     let ran = std::process::Command::new("strace")
         .args(["-f", "-qq", "-e", "trace=open,openat", "-o"])
         .arg(&trace)
-        .args(["/usr/bin/python3", &script])
+        .args(argv)
+        .current_dir(cwd)
         .env_clear()
         .env("PATH", analyze::DEFAULT_PATH)
         // What runc sets from /etc/passwd when the image does not.
@@ -655,13 +654,10 @@ fn python_start_matches_strace() {
         .status();
     if !ran.is_ok_and(|status| status.success()) {
         eprintln!("strace unavailable or not permitted here; nothing compared");
-        return;
+        return None;
     }
-    let list =
-        analyze_entrypoint(&host(), &config(&["/usr/bin/python3", &script], "/", &[])).unwrap();
-    let listed: std::collections::HashSet<&str> = list.files().map(|p| p.as_str()).collect();
     let trace = fs::read_to_string(trace).unwrap();
-    let mut compared = 0;
+    let mut files = Vec::new();
     for line in trace.lines() {
         // `PID openat(AT_FDCWD, "/path", O_RDONLY|O_CLOEXEC) = 3`
         let Some((_, rest)) = line.split_once('"') else {
@@ -670,21 +666,58 @@ fn python_start_matches_strace() {
         let Some((path, result)) = rest.split_once('"') else {
             continue;
         };
-        if result.contains("= -1") || !Path::new(path).is_absolute() {
+        if result.contains("= -1") || path.starts_with("/proc") || path.starts_with("/dev") {
             continue;
         }
-        let Ok(meta) = fs::metadata(path) else {
-            continue;
-        };
-        if !meta.is_file() || path.starts_with("/proc") || path.starts_with("/dev") {
-            continue;
+        let path = cwd.join(path);
+        if fs::metadata(&path).is_ok_and(|meta| meta.is_file()) {
+            files.push(canonical(path.to_str().unwrap()));
         }
-        let real = canonical(path);
-        assert!(
-            listed.contains(real.as_str()),
-            "python opened {real}, not in the list"
-        );
-        compared += 1;
     }
-    assert!(compared > 40, "only {compared} files in the trace");
+    Some(files)
+}
+
+/// Ground truth: every regular file a start really opens (as `strace` records it)
+/// is in the static list, for python run directly, through `sh -c`, and through
+/// an `env` shebang.
+#[test]
+fn starts_match_strace() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = canonical(dir.path().to_str().unwrap());
+    let base = Path::new(&base);
+    let script = write_script(base, "script.py", SCRIPT_IMPORTS);
+    let tool = write_script(
+        base,
+        "tool",
+        &format!("#!/usr/bin/env python3\n{SCRIPT_IMPORTS}"),
+    );
+    let base_str = base.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["/usr/bin/python3", &script],
+        vec![
+            "/usr/bin/python3",
+            "-c",
+            "import ssl, sqlite3, ctypes, asyncio",
+        ],
+        vec!["/bin/sh", "-c", "exec python3 script.py"],
+        vec![&tool],
+    ];
+    for argv in cases {
+        let Some(opened) = traced_opens(&argv, base) else {
+            return;
+        };
+        assert!(
+            opened.len() > 40,
+            "{argv:?}: only {} files in the trace",
+            opened.len()
+        );
+        let list = analyze_entrypoint(&host(), &config(&argv, base_str, &[])).unwrap();
+        let listed: std::collections::HashSet<&str> = list.files().map(|p| p.as_str()).collect();
+        for file in &opened {
+            assert!(
+                listed.contains(file.as_str()),
+                "{argv:?} opened {file}, not in the list"
+            );
+        }
+    }
 }
