@@ -2,6 +2,7 @@
 //! collecting every file they read.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 
 use super::elf::{self, ElfDeps, ElfIdentity};
 use super::shell::{self, ShellCommand};
@@ -105,7 +106,7 @@ pub(super) struct Analyzer<'v> {
     loaded_paths: HashSet<ImagePath>,
     main: Option<MainObject>,
     ld_conf_dirs: Option<Vec<ImagePath>>,
-    pub(super) dir_listings: HashMap<ImagePath, Option<std::rc::Rc<Vec<String>>>>,
+    dir_listings: HashMap<ImagePath, Option<Rc<Vec<String>>>>,
 }
 
 impl<'v> Analyzer<'v> {
@@ -176,13 +177,13 @@ impl<'v> Analyzer<'v> {
     pub(super) fn list_dir(
         &mut self,
         dir: &ImagePath,
-    ) -> Result<Option<std::rc::Rc<Vec<String>>>, PrefetchError> {
+    ) -> Result<Option<Rc<Vec<String>>>, PrefetchError> {
         if let Some(cached) = self.dir_listings.get(dir) {
             return Ok(cached.clone());
         }
         let resolution = resolve(self.view, &ImagePath::root(), dir.as_str(), true)?;
         let listing = if resolution.info.as_ref().is_some_and(FileInfo::is_dir) {
-            Some(std::rc::Rc::new(self.view.read_dir(&resolution.path)?))
+            Some(Rc::new(self.view.read_dir(&resolution.path)?))
         } else {
             None
         };
@@ -230,7 +231,7 @@ impl<'v> Analyzer<'v> {
     }
 
     /// Follows `execve(argv[0], argv)` in `cwd` with `env`.
-    pub(super) fn exec(
+    fn exec(
         &mut self,
         argv: &[String],
         cwd: &ImagePath,
@@ -629,7 +630,7 @@ impl<'v> Analyzer<'v> {
 
     /// Arguments that name existing regular files (`-c /etc/app.conf`,
     /// `--config=conf/app.yaml`) are read by most programs at start.
-    pub(super) fn file_arguments(
+    fn file_arguments(
         &mut self,
         args: &[String],
         program: &ImagePath,
@@ -957,7 +958,7 @@ impl<'v> Analyzer<'v> {
     }
 
     /// Paths matching `pattern` (`*`, `?` and `[...]` in any component), sorted.
-    pub(super) fn glob(&mut self, pattern: &ImagePath) -> Result<Vec<ImagePath>, PrefetchError> {
+    fn glob(&mut self, pattern: &ImagePath) -> Result<Vec<ImagePath>, PrefetchError> {
         let mut matches = vec![ImagePath::root()];
         for component in pattern.components() {
             let mut next = Vec::new();
@@ -1000,7 +1001,7 @@ fn parse_shebang(rest: &[u8]) -> Option<(String, Option<String>)> {
 }
 
 /// `python`, `python3`, `python3.12`, `python3.12d`...
-pub(super) fn is_python_name(name: &str) -> bool {
+fn is_python_name(name: &str) -> bool {
     let Some(version) = name.strip_prefix("python") else {
         return false;
     };
@@ -1010,7 +1011,7 @@ pub(super) fn is_python_name(name: &str) -> bool {
         .all(|c| c.is_ascii_digit() || c == '.')
 }
 
-pub(super) fn is_identifier(name: &str) -> bool {
+fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
     chars
         .next()
