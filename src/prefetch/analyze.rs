@@ -741,14 +741,21 @@ impl<'v> Analyzer<'v> {
         };
         let no_deps = ElfDeps::default();
         for name in preload {
-            self.load_library(
-                &name,
-                &main.path,
-                &no_deps,
-                identity,
-                env,
-                Reason::Preload { name: name.clone() },
-            )?;
+            let reason = Reason::Preload { name: name.clone() };
+            let Some(found) =
+                self.load_library(&name, &main.path, &no_deps, identity, env, reason)?
+            else {
+                self.warnings.push(Warning::LibraryNotFound {
+                    name,
+                    needed_by: main.path.clone(),
+                });
+                continue;
+            };
+            if self.loaded_paths.insert(found.clone())
+                && let Ok((_, deps)) = elf::inspect(self.view, &found)?
+            {
+                self.load_needed(&found, identity, deps, env)?;
+            }
         }
         Ok(())
     }
@@ -832,6 +839,13 @@ impl<'v> Analyzer<'v> {
             self.add_links(&resolution, name);
             self.add(&resolution.path, PrefetchKind::File, reason);
             self.loaded.insert(name.to_owned(), resolution.path.clone());
+            if name.contains('/') {
+                // A library loaded by path also satisfies DT_NEEDED entries naming it.
+                let file_name = ImagePath::new(name).file_name().to_owned();
+                self.loaded
+                    .entry(file_name)
+                    .or_insert(resolution.path.clone());
+            }
             return Ok(Some(resolution.path));
         }
         Ok(None)

@@ -538,6 +538,17 @@ fn elf_runpath_origin_and_ld_so_conf_include() {
             .iter()
             .any(|w| matches!(w, Warning::LibraryNotFound { name, .. } if name == "libbar.so"))
     );
+    // /etc/ld.so.preload is read, and what it names is loaded with its own needs.
+    fs::write(
+        r.join("etc/ld.so.preload"),
+        "/opt/other/lib/libbar.so # comment\n",
+    )
+    .unwrap();
+    let list = analyze_entrypoint(&view, &config(&["/opt/app/bin/prog"], "/", &[])).unwrap();
+    assert_has(&list, "/etc/ld.so.preload");
+    assert_has(&list, "/opt/other/lib/libbar.so");
+    assert!(list.warnings.is_empty(), "{:?}", list.warnings);
+    fs::remove_file(r.join("etc/ld.so.preload")).unwrap();
     // LD_LIBRARY_PATH from the image config is searched too.
     let list = analyze_entrypoint(
         &view,
