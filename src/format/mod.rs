@@ -12,6 +12,23 @@ use std::sync::Arc;
 
 use crate::digest::Digest;
 
+mod chunk;
+mod error;
+mod footer;
+#[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
+mod hostile_tests;
+mod rfc3339;
+mod toc;
+
+pub use chunk::decompress_chunk;
+pub use error::FormatError;
+pub use footer::{Footer, MAX_FOOTER_SIZE, parse_footer};
+pub use toc::{
+    ParsedToc, TocLimits, decompress_toc, parse_toc, parse_toc_json, parse_toc_with_limits,
+};
+
 /// The layer media-type annotation carrying the digest of the (compressed) TOC.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// The layer annotation with the uncompressed size of the layer (eStargz).

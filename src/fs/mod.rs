@@ -1,1 +1,559 @@
 //! The read-only FUSE filesystem of one lazily fetched layer.
+//!
+//! Metadata is served from an inode table built once from the layer's index, so
+//! everything except file content is answered on the FUSE thread without waiting.
+//! Content reads that memory can answer are replied to at once; the rest are handed
+//! to the tokio runtime, which replies when the chunks arrive or fails the read with
+//! `EIO` after `read_timeout`, so a FUSE thread never waits on the network.
+//!
+//! Content is immutable, so entries and attributes are cached by the kernel for a
+//! long time and files are opened with `FOPEN_KEEP_CACHE`: once read, a page is
+//! served by the kernel's page cache and never reaches sluice again.
+
+mod tree;
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fuser::{
+    BackgroundSession, Config, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request, SessionACL,
+};
+
+use self::tree::{Node, OPAQUE_XATTRS, Tree};
+use crate::cache::{ChunkCache, Layer};
+use crate::format::{EntryId, EntryKind};
+use crate::metrics::Metrics;
+use crate::registry::FetchPriority;
+
+/// How a layer is mounted.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// A read whose chunks do not arrive within this time fails with `EIO`.
+    pub read_timeout: Duration,
+    /// Shown as the mount's source in `/proc/mounts`.
+    pub fsname: String,
+    /// FUSE worker threads (each with its own `/dev/fuse` descriptor).
+    pub threads: usize,
+    /// How long the kernel may cache names and attributes.
+    pub attr_ttl: Duration,
+    /// Largest readahead the kernel may send in one request.
+    pub max_readahead: u32,
+    /// Honour device nodes and setuid bits, as a container root filesystem needs.
+    pub allow_devices_and_setuid: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        Self {
+            read_timeout: Duration::from_secs(30),
+            fsname: "sluice".into(),
+            threads: 4,
+            attr_ttl: Duration::from_secs(24 * 3600),
+            max_readahead: 4 << 20,
+            allow_devices_and_setuid: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("layer {layer}: its index cannot be served as a filesystem: {reason}")]
+    BadTree { layer: String, reason: String },
+    #[error(
+        "layer {layer}: mounting FUSE at {}: {source} (sluice must run as root with /dev/fuse available, and the mountpoint must be an existing directory)",
+        mountpoint.display()
+    )]
+    Mount {
+        layer: String,
+        mountpoint: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "layer {layer}: unmounting {}: {source} (a process may still use files under it; it was detached and goes away when they are closed)",
+        mountpoint.display()
+    )]
+    Unmount {
+        layer: String,
+        mountpoint: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A mounted layer. Dropping it unmounts.
+#[derive(Debug)]
+pub struct MountedLayer {
+    session: Option<BackgroundSession>,
+    mountpoint: PathBuf,
+    label: String,
+}
+
+impl MountedLayer {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmount and wait for the FUSE threads to finish. If the mount is busy it is
+    /// detached instead (it disappears once its last user closes it) and an error
+    /// says so.
+    pub fn unmount(mut self) -> Result<(), FsError> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<(), FsError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        match session.umount_and_join() {
+            Ok(()) => Ok(()),
+            Err(source) => {
+                // Leave nothing mounted at the path, even if busy.
+                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                Err(FsError::Unmount {
+                    layer: self.label.clone(),
+                    mountpoint: self.mountpoint.clone(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for MountedLayer {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            tracing::warn!(error = %e, "unmounting a layer on drop");
+        }
+    }
+}
+
+/// Mount `layer` read-only at `mountpoint`. Content reads run on `runtime`.
+pub fn mount_layer(
+    layer: Arc<Layer>,
+    cache: Arc<ChunkCache>,
+    runtime: tokio::runtime::Handle,
+    mountpoint: &Path,
+    options: FsOptions,
+) -> Result<MountedLayer, FsError> {
+    let label = layer.label().to_owned();
+    let tree = Tree::build(layer.index(), &label).map_err(|reason| FsError::BadTree {
+        layer: label.clone(),
+        reason,
+    })?;
+    let mut mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(options.fsname.clone()),
+        MountOption::Subtype("sluice".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    if options.allow_devices_and_setuid {
+        mount_options.extend([MountOption::Dev, MountOption::Suid]);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    // containerd and runc reach the mount as other users inside containers.
+    config.acl = SessionACL::All;
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = true;
+
+    let fs = LayerFs {
+        tree,
+        read: Arc::new(ReadContext {
+            metrics: Arc::clone(cache.metrics()),
+            cache,
+            layer,
+            timeout: options.read_timeout,
+            log_gate: LogGate::new(),
+        }),
+        runtime,
+        options,
+    };
+    let session = fuser::Session::new(fs, mountpoint, &config)
+        .and_then(fuser::Session::spawn)
+        .map_err(|source| FsError::Mount {
+            layer: label.clone(),
+            mountpoint: mountpoint.to_path_buf(),
+            source,
+        })?;
+    Ok(MountedLayer {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+        label,
+    })
+}
+
+/// Lets one warning through per interval and counts the rest, so a registry outage
+/// under heavy reading does not flood the log.
+struct LogGate {
+    start: Instant,
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogGate {
+    const INTERVAL_MS: u64 = 1000;
+
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` with the number of suppressed messages when this one may be logged.
+    fn admit(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now + Self::INTERVAL_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// What a content read needs, shared with the tasks that answer reads.
+struct ReadContext {
+    cache: Arc<ChunkCache>,
+    layer: Arc<Layer>,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    log_gate: LogGate,
+}
+
+impl ReadContext {
+    fn fail(&self, entry: EntryId, offset: u64, size: u32, why: &dyn std::fmt::Display) {
+        Metrics::add(&self.metrics.read_errors, 1);
+        if let Some(suppressed) = self.log_gate.admit() {
+            let path = self
+                .layer
+                .index()
+                .entries
+                .get(entry.0 as usize)
+                .map_or("", |e| e.name.as_str());
+            tracing::warn!(
+                layer = self.layer.label(),
+                file = path,
+                offset,
+                size,
+                suppressed_since_last = suppressed,
+                "read failed with EIO: {why}"
+            );
+        }
+    }
+
+    /// The chunk holding `offset` of a file, for a timeout message.
+    fn describe_chunk(&self, entry: EntryId, offset: u64) -> String {
+        let index = self.layer.index();
+        let mut id = entry;
+        for _ in 0..8 {
+            match index.entries.get(id.0 as usize).map(|e| &e.kind) {
+                Some(EntryKind::Hardlink { target }) => id = *target,
+                Some(EntryKind::Regular { chunks, .. }) => {
+                    let at = chunks.partition_point(|c| c.file_offset.0 + c.size <= offset);
+                    return chunks.get(at).map_or_else(String::new, |c| {
+                        format!(
+                            "chunk at file offset {} (blob offset {}, {})",
+                            c.file_offset.0, c.compressed_offset.0, c.digest
+                        )
+                    });
+                }
+                _ => break,
+            }
+        }
+        String::new()
+    }
+}
+
+struct LayerFs {
+    tree: Tree,
+    read: Arc<ReadContext>,
+    runtime: tokio::runtime::Handle,
+    options: FsOptions,
+}
+
+impl LayerFs {
+    fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
+        self.tree.node(ino).ok_or(Errno::ENOENT)
+    }
+
+    fn dir(&self, ino: INodeNo) -> Result<&Node, Errno> {
+        let node = self.node(ino)?;
+        if node.attr.kind != FileType::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok(node)
+    }
+
+    fn xattrs<'a>(&'a self, node: &'a Node) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+        let entry = self.read.layer.index().entries.get(node.entry.0 as usize);
+        let own = entry
+            .into_iter()
+            .flat_map(|e| e.xattrs.iter())
+            .map(|(k, v)| (k.as_bytes(), v.as_slice()));
+        let opaque = OPAQUE_XATTRS
+            .iter()
+            .filter(move |_| node.opaque)
+            .map(|k| (k.as_bytes(), b"y".as_slice()));
+        own.filter(move |(k, _)| !(node.opaque && OPAQUE_XATTRS.iter().any(|o| o.as_bytes() == *k)))
+            .chain(opaque)
+    }
+
+    /// The `.`/`..`/children listing of a directory, as (inode, kind, name).
+    fn listing<'a>(&'a self, dir: &'a Node) -> impl Iterator<Item = (INodeNo, FileType, &'a [u8])> {
+        [
+            (dir.attr.ino, FileType::Directory, b".".as_slice()),
+            (dir.parent, FileType::Directory, b"..".as_slice()),
+        ]
+        .into_iter()
+        .chain(
+            dir.children
+                .iter()
+                .map(|c| (c.ino, c.kind, c.name.as_bytes())),
+        )
+    }
+}
+
+fn reply_sized(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(nearest) = config.set_max_readahead(self.options.max_readahead) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        // Many reads may wait on the network at once; let the kernel queue more.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        let wanted = InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_ASYNC_READ;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let found = self
+            .dir(parent)
+            .and_then(|dir| self.tree.lookup(dir, name.as_bytes()).ok_or(Errno::ENOENT));
+        match found {
+            Ok(node) => reply.entry(&self.options.attr_ttl, &node.attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino) {
+            Ok(node) => reply.attr(&self.options.attr_ttl, &node.attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let node = match self.node(ino) {
+            Ok(node) => node,
+            Err(e) => return reply.error(e),
+        };
+        match self
+            .read
+            .layer
+            .index()
+            .entries
+            .get(node.entry.0 as usize)
+            .map(|e| &e.kind)
+        {
+            Some(EntryKind::Symlink { target }) => reply.data(target.as_bytes()),
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Ok(node) if node.attr.kind == FileType::Directory => reply.error(Errno::EISDIR),
+            Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => reply.error(Errno::EROFS),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let node = match self.node(ino) {
+            Ok(node) if node.attr.kind == FileType::RegularFile => node,
+            Ok(_) => return reply.error(Errno::EINVAL),
+            Err(e) => return reply.error(e),
+        };
+        let entry = node.entry;
+        let ctx = &self.read;
+        match ctx.cache.read_file_cached(&ctx.layer, entry, offset, size) {
+            Some(Ok(data)) => return reply.data(&data),
+            Some(Err(e)) => {
+                ctx.fail(entry, offset, size, &e);
+                return reply.error(Errno::EIO);
+            }
+            None => {}
+        }
+        let ctx = Arc::clone(ctx);
+        self.runtime.spawn(async move {
+            let read =
+                ctx.cache
+                    .read_file(&ctx.layer, entry, offset, size, FetchPriority::OnDemand);
+            match tokio::time::timeout(ctx.timeout, read).await {
+                Ok(Ok(data)) => reply.data(&data),
+                Ok(Err(e)) => {
+                    ctx.fail(entry, offset, size, &e);
+                    reply.error(Errno::EIO);
+                }
+                Err(_) => {
+                    let chunk = ctx.describe_chunk(entry, offset);
+                    ctx.fail(
+                        entry,
+                        offset,
+                        size,
+                        &format_args!("no data within {:?} for {chunk}", ctx.timeout),
+                    );
+                    reply.error(Errno::EIO);
+                }
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.dir(ino) {
+            Ok(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dir = match self.dir(ino) {
+            Ok(dir) => dir,
+            Err(e) => return reply.error(e),
+        };
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (child, kind, name)) in self.listing(dir).enumerate().skip(skip) {
+            if reply.add(child, i as u64 + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dir = match self.dir(ino) {
+            Ok(dir) => dir,
+            Err(e) => return reply.error(e),
+        };
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (child, _kind, name)) in self.listing(dir).enumerate().skip(skip) {
+            let Some(node) = self.tree.node(child) else {
+                continue;
+            };
+            let full = reply.add(
+                child,
+                i as u64 + 1,
+                OsStr::from_bytes(name),
+                &self.options.attr_ttl,
+                &node.attr,
+                Generation(0),
+            );
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(
+            self.tree.total_blocks.div_ceil(8),
+            0,
+            0,
+            self.tree.inode_count,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let node = match self.node(ino) {
+            Ok(node) => node,
+            Err(e) => return reply.error(e),
+        };
+        match self.xattrs(node).find(|(k, _)| *k == name.as_bytes()) {
+            Some((_, value)) => reply_sized(reply, size, value),
+            None => reply.error(Errno::ENODATA),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let node = match self.node(ino) {
+            Ok(node) => node,
+            Err(e) => return reply.error(e),
+        };
+        let mut names = Vec::new();
+        for (name, _) in self.xattrs(node) {
+            names.extend_from_slice(name);
+            names.push(0);
+        }
+        reply_sized(reply, size, &names);
+    }
+}

@@ -1,5 +1,31 @@
 //! OCI distribution client: resolve references, fetch manifests and blobs, and read
 //! byte ranges of blobs — the only way bytes enter sluice.
+//!
+//! # Use
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sluice::registry::RegistryError> {
+//! use std::sync::Arc;
+//! use sluice::registry::{BlobSource, FetchPriority, ImageReference, Platform, RegistryClient, RegistryOptions};
+//!
+//! let client = RegistryClient::new(RegistryOptions::default(), Arc::default())?;
+//! let reference: ImageReference = "127.0.0.1:5000/test/img:v1".parse()?;
+//! let image = client.resolve(&reference, &Platform::default()).await?;
+//! let layer = &image.layers[0];
+//! let blob = client.remote_blob(reference.repository().clone(), layer.digest.clone(), layer.size);
+//! let head = blob.read_range(0..512, FetchPriority::OnDemand).await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Pieces
+//!
+//! - [`reference`]: `ImageReference`, `Repository`, `Platform` parsing and normalisation.
+//! - [`manifest`]: serde types for manifests, indexes and configs; platform selection.
+//! - [`auth`], [`docker_config`]: challenges, bearer tokens, credentials from `config.json`.
+//! - [`hosts`]: containerd `hosts.toml` mirrors; loopback registries use plain HTTP.
+//! - [`retry`]: backoff and `Retry-After`.
+//! - [`client`]: `RegistryClient` (endpoints, auth, redirects, retries, verification) and
+//!   `RemoteBlob`, the [`BlobSource`] over a registry.
 
 use std::ops::Range;
 
@@ -7,6 +33,20 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use crate::digest::Digest;
+
+pub mod auth;
+pub mod client;
+pub mod docker_config;
+pub mod error;
+pub mod hosts;
+pub mod manifest;
+pub mod reference;
+pub mod retry;
+
+pub use client::{RegistryClient, RegistryOptions, RemoteBlob, ResolvedImage};
+pub use error::RegistryError;
+pub use manifest::{Descriptor, ImageConfig, ImageIndex, ImageManifest};
+pub use reference::{ImageReference, Platform, Repository};
 
 /// How urgently a range is needed. A process blocked in `read(2)` gets more retries and
 /// jumps the queue; background streaming gives up sooner and yields.
