@@ -80,6 +80,43 @@ where
     }
 }
 
+/// The entries of a chunked layer's validated TOC, for a [`LayerStackView`] of
+/// layers that are already eStargz / zstd:chunked (content then comes from the
+/// chunk cache). The root entry is left out; whiteouts keep their `.wh.` names.
+pub fn layer_entries_from_index(index: &crate::format::LayerIndex) -> LayerEntries {
+    use crate::format::EntryKind;
+    index
+        .entries
+        .iter()
+        .filter(|entry| !entry.name.is_empty())
+        .map(|entry| {
+            let kind = match &entry.kind {
+                EntryKind::Directory => LayerEntryKind::Dir,
+                EntryKind::Regular { size, .. } => LayerEntryKind::File { size: *size },
+                EntryKind::Symlink { target } => LayerEntryKind::Symlink {
+                    target: target.clone(),
+                },
+                EntryKind::Hardlink { target } => match index.entries.get(target.0 as usize) {
+                    Some(linked) => LayerEntryKind::Hardlink {
+                        target: ImagePath::new(&linked.name),
+                    },
+                    None => LayerEntryKind::Other,
+                },
+                EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } | EntryKind::Fifo => {
+                    LayerEntryKind::Other
+                }
+            };
+            (
+                ImagePath::new(&entry.name),
+                LayerEntry {
+                    kind,
+                    mode: entry.mode,
+                },
+            )
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 struct Merged {
     info: FileInfo,
@@ -480,6 +517,65 @@ mod tests {
         ]);
         let res = resolve(&view, &ImagePath::root(), "/a/x", true).unwrap();
         assert_eq!(res.failure, Some(ResolveFailure::TooManySymlinks));
+    }
+
+    #[test]
+    fn entries_from_a_chunked_layer_index() {
+        use crate::format::{CompressedOffset, Entry, EntryId, EntryKind, LayerFormat, LayerIndex};
+        let entry = |name: &str, kind| Entry {
+            name: name.to_owned(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime_secs: 0,
+            mtime_nanos: 0,
+            xattrs: Vec::new(),
+        };
+        let index = LayerIndex {
+            format: LayerFormat::Estargz,
+            blob_size: 0,
+            toc_offset: CompressedOffset(0),
+            entries: vec![
+                entry("", EntryKind::Directory),
+                entry("bin", EntryKind::Directory),
+                entry(
+                    "bin/busybox",
+                    EntryKind::Regular {
+                        size: 7,
+                        chunks: Vec::new(),
+                    },
+                ),
+                entry("bin/sh", EntryKind::Hardlink { target: EntryId(2) }),
+                entry(
+                    "bin/ls",
+                    EntryKind::Symlink {
+                        target: "busybox".to_owned(),
+                    },
+                ),
+                entry(
+                    "etc/.wh.old",
+                    EntryKind::Regular {
+                        size: 0,
+                        chunks: Vec::new(),
+                    },
+                ),
+            ],
+            prefetch: Vec::new(),
+            no_prefetch: false,
+        };
+        let entries = layer_entries_from_index(&index);
+        assert_eq!(entries.len(), 5);
+        assert_eq!(
+            entries[&ImagePath::new("/bin/sh")].kind,
+            LayerEntryKind::Hardlink {
+                target: ImagePath::new("/bin/busybox")
+            }
+        );
+        let lower = layer(&[("etc/old", file("x"))]);
+        let view = stack(vec![lower, entries]);
+        assert!(!exists(&view, "/etc/old"));
+        assert_eq!(read(&view, "/bin/sh"), "1:/bin/busybox");
     }
 
     #[test]

@@ -30,6 +30,7 @@ use std::path::PathBuf;
 pub use analyze::analyze_entrypoint;
 pub use layers::{
     LayerContent, LayerEntries, LayerEntry, LayerEntryKind, LayerPosition, LayerStackView,
+    layer_entries_from_index,
 };
 pub use path::ImagePath;
 pub use view::{
