@@ -269,10 +269,15 @@ impl DirView {
     }
 }
 
+/// Errors that mean "no such file": also names no filesystem can hold (a NUL byte,
+/// a component over 255 bytes), which hostile configs may contain.
 fn is_absent(err: &io::Error) -> bool {
     matches!(
         err.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+        io::ErrorKind::NotFound
+            | io::ErrorKind::NotADirectory
+            | io::ErrorKind::InvalidInput
+            | io::ErrorKind::InvalidFilename
     )
 }
 
@@ -434,6 +439,17 @@ mod tests {
             unfollowed.info.map(|i| i.kind),
             Some(FileKind::Symlink { .. })
         ));
+    }
+
+    #[test]
+    fn impossible_names_are_absent_not_errors() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir(root.path().join("d")).unwrap();
+        let view = DirView::new(root.path()).unwrap();
+        assert_eq!(view.lstat(&ImagePath::new("/d/a\0b")).unwrap(), None);
+        assert_eq!(view.lstat(&ImagePath::new(&"x".repeat(300))).unwrap(), None);
+        let res = resolve(&view, &ImagePath::root(), "/d/a\0b/c", true).unwrap();
+        assert_eq!(res.failure, Some(ResolveFailure::Missing));
     }
 
     #[test]
