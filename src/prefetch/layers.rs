@@ -262,11 +262,10 @@ fn add_missing_parents(merged: &mut BTreeMap<ImagePath, Merged>, path: &ImagePat
 }
 
 fn remove_descendants(merged: &mut BTreeMap<ImagePath, Merged>, dir: &ImagePath) {
-    let prefix = dir.descendant_prefix();
+    let (start, prefix) = dir.descendants_bound();
     let doomed: Vec<ImagePath> = merged
-        .range(dir.clone()..)
+        .range(start..)
         .map(|(path, _)| path)
-        .skip_while(|path| !path.as_str().starts_with(&prefix))
         .take_while(|path| path.as_str().starts_with(&prefix))
         .filter(|path| path.is_below(dir))
         .cloned()
@@ -303,12 +302,11 @@ impl<C: LayerContent> ImageView for LayerStackView<C> {
         if !self.merged.get(path).is_some_and(|e| e.info.is_dir()) {
             return Ok(Vec::new());
         }
-        let prefix = path.descendant_prefix();
+        let (start, prefix) = path.descendants_bound();
         Ok(self
             .merged
-            .range(path.clone()..)
+            .range(start..)
             .map(|(child, _)| child)
-            .skip_while(|child| !child.as_str().starts_with(&prefix))
             .take_while(|child| child.as_str().starts_with(&prefix))
             .filter(|child| child.parent() == *path && *child != path)
             .map(|child| child.file_name().to_owned())
@@ -425,6 +423,8 @@ mod tests {
                 ("app/old.py", file("x")),
                 ("app/sub/deep.py", file("x")),
                 ("apple", file("x")),
+                ("app-x", file("x")),
+                ("app.d/conf", file("x")),
             ]),
             layer(&[
                 ("app", entry(LayerEntryKind::Dir)),

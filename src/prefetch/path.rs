@@ -92,13 +92,16 @@ impl ImagePath {
             && self.0.as_bytes()[dir.0.len()] == b'/'
     }
 
-    /// The prefix every strict descendant's string starts with (`/a/` for `/a`, `/` for the root).
-    pub(crate) fn descendant_prefix(&self) -> String {
-        if self.is_root() {
+    /// The prefix every strict descendant's string starts with (`/a/` for `/a`, `/`
+    /// for the root), and the same string as a bound for ordered-map ranges: every
+    /// descendant sorts at or after it, and all of them before anything else.
+    pub(crate) fn descendants_bound(&self) -> (ImagePath, String) {
+        let prefix = if self.is_root() {
             "/".to_owned()
         } else {
             format!("{}/", self.0)
-        }
+        };
+        (ImagePath(prefix.clone()), prefix)
     }
 }
 
