@@ -438,6 +438,7 @@ mod tests {
             exists(&view, "/apple"),
             "a sibling sharing the prefix survives"
         );
+        assert!(exists(&view, "/app-x") && exists(&view, "/app.d/conf"));
         assert_eq!(
             view.read_dir(&ImagePath::new("/app")).unwrap(),
             vec!["new.py"]
