@@ -412,6 +412,13 @@ fn layer_stack_view_runs_the_same_analysis() {
         paths,
         vec!["/app/run", "/bin", "/usr/bin/sh", "/usr/bin/busybox"]
     );
+    let groups = view.split_by_layer(list.paths());
+    let names = |group: &Vec<ImagePath>| group.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        names(&groups[0]),
+        vec!["/bin", "/usr/bin/sh", "/usr/bin/busybox"]
+    );
+    assert_eq!(names(&groups[1]), vec!["/app/run"]);
     let hidden = analyze_entrypoint(&view, &config(&["/app/start"], "/", &[])).unwrap();
     assert!(
         hidden.entries.is_empty(),

@@ -130,6 +130,7 @@ struct Merged {
 /// The filesystem a container sees when `layers` (bottom first) are stacked.
 pub struct LayerStackView<C> {
     merged: BTreeMap<ImagePath, Merged>,
+    layer_count: usize,
     content: C,
 }
 
@@ -138,6 +139,7 @@ impl<C: LayerContent> LayerStackView<C> {
     /// (a hard link to nothing) are dropped, as a runtime applying the layer would
     /// fail to create them.
     pub fn new(layers: Vec<LayerEntries>, content: C) -> LayerStackView<C> {
+        let layer_count = layers.len();
         let mut merged: BTreeMap<ImagePath, Merged> = BTreeMap::new();
         merged.insert(ImagePath::root(), implicit_dir());
         for (position, layer) in layers.into_iter().enumerate() {
@@ -206,7 +208,11 @@ impl<C: LayerContent> LayerStackView<C> {
                 );
             }
         }
-        LayerStackView { merged, content }
+        LayerStackView {
+            merged,
+            layer_count,
+            content,
+        }
     }
 
     /// The layer whose entry is visible at `path` (the one the converter should move
@@ -222,6 +228,23 @@ impl<C: LayerContent> LayerStackView<C> {
             .get(path)
             .and_then(|entry| entry.source.as_ref())
             .map(|(layer, source)| (*layer, source))
+    }
+
+    /// `paths` (a [`super::PrefetchList`]'s, in its order) grouped by the layer whose
+    /// entry the container sees: index `i` is what to write first in layer `i`.
+    /// Directories no layer names are left out. A hard link is grouped with its own
+    /// layer; its target must stay before it in the tar stream.
+    pub fn split_by_layer<'p>(
+        &self,
+        paths: impl IntoIterator<Item = &'p ImagePath>,
+    ) -> Vec<Vec<ImagePath>> {
+        let mut groups = vec![Vec::new(); self.layer_count];
+        for path in paths {
+            if let Some(layer) = self.layer_of(path) {
+                groups[layer.0].push(path.clone());
+            }
+        }
+        groups
     }
 }
 
