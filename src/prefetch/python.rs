@@ -748,11 +748,8 @@ impl Analyzer<'_> {
             .into_iter()
             .map(|(module, by)| (module, by, 1))
             .collect();
-        for import in &main_imports {
-            let (modules, probes) = Self::absolute_names(import, "");
-            for module in modules.into_iter().chain(probes) {
-                queue.push_back((module, main_name.clone(), 1));
-            }
+        for module in self.executed_imports(&mut interpreter, &main_imports, "")? {
+            queue.push_back((module, main_name.clone(), 1));
         }
         let mut visited: HashSet<String> = HashSet::new();
         while let Some((module, imported_by, depth)) = queue.pop_front() {
@@ -781,24 +778,8 @@ impl Analyzer<'_> {
             }
             let text = self.view.read(&source, MAX_SOURCE_BYTES)?;
             let imports = parse_imports(&String::from_utf8_lossy(&text), false);
-            let mut failed_tries = HashSet::new();
-            for import in &imports {
-                if let ImportGuard::Fallback(id) = import.guard
-                    && !failed_tries.contains(&id)
-                {
-                    continue;
-                }
-                let (modules, probes) = Self::absolute_names(import, &package);
-                for name in &modules {
-                    if let ImportGuard::Try(id) = import.guard
-                        && !self.module_exists(&mut interpreter, name)?
-                    {
-                        failed_tries.insert(id);
-                    }
-                }
-                for name in modules.into_iter().chain(probes) {
-                    queue.push_back((name, module.clone(), depth + 1));
-                }
+            for name in self.executed_imports(&mut interpreter, &imports, &package)? {
+                queue.push_back((name, module.clone(), depth + 1));
             }
         }
         if !interpreter.missing.is_empty() {
@@ -809,6 +790,36 @@ impl Analyzer<'_> {
             });
         }
         Ok(())
+    }
+
+    /// The absolute module names `imports` (of a module in `package`) load, in order:
+    /// `except ImportError:` fallbacks only when an import of their `try` body is
+    /// not found; `pkg.name` for `from pkg import name` in case `name` is a submodule.
+    fn executed_imports(
+        &mut self,
+        interpreter: &mut Interpreter,
+        imports: &[Import],
+        package: &str,
+    ) -> Result<Vec<String>, PrefetchError> {
+        let mut names = Vec::new();
+        let mut failed_tries = HashSet::new();
+        for import in imports {
+            if let ImportGuard::Fallback(id) = import.guard
+                && !failed_tries.contains(&id)
+            {
+                continue;
+            }
+            let (modules, probes) = Self::absolute_names(import, package);
+            for name in &modules {
+                if let ImportGuard::Try(id) = import.guard
+                    && !self.module_exists(interpreter, name)?
+                {
+                    failed_tries.insert(id);
+                }
+            }
+            names.extend(modules.into_iter().chain(probes));
+        }
+        Ok(names)
     }
 
     /// The interpreter's version, standard library and `sys.path`, plus what its
