@@ -235,3 +235,69 @@ fn prefetch_list_is_fetched_before_the_pull_returns() {
         "the run still fetched {during_run} bytes after a {during_pull}-byte prefetch"
     );
 }
+
+/// kill -9 of the daemon in the middle of a lazy pull (after its first layer is mounted),
+/// then a restart: the pull can be repeated and the image runs.
+#[test]
+fn kill_during_a_lazy_pull_then_the_pull_repeats() {
+    let mut rig = Rig::start("[fs]\nbackground_fetch = false\n");
+    let image = rig.publish("app", ImageFormat::Estargz);
+    let mut pull = std::process::Command::new("ctr-remote")
+        .arg("--address")
+        .arg(rig.containerd.socket())
+        .args(["--namespace", NAMESPACE, "images", "rpull", "--plain-http"])
+        .args(["--snapshotter", "sluice", &image.reference])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ctr-remote rpull");
+    let root = rig.snapshotter.root();
+    let mounted = common::wait_until(std::time::Duration::from_secs(60), || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(root.to_str().unwrap()) && l.contains(" - fuse"))
+    });
+    assert!(mounted, "no layer was mounted:\n{}", rig.snapshotter.log());
+    rig.snapshotter.kill9();
+    let _ = pull.wait();
+
+    rig.snapshotter.spawn();
+    let mut output = String::new();
+    let repeated = common::wait_until(std::time::Duration::from_secs(90), || {
+        let pulled = rig
+            .containerd
+            .ctr_remote(&[
+                "--namespace",
+                NAMESPACE,
+                "images",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "sluice",
+                &image.reference,
+            ])
+            .is_ok();
+        pulled
+            && match rig.ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "sluice",
+                &image.reference,
+                "after-kill",
+            ]) {
+                Ok(out) => {
+                    output = out;
+                    true
+                }
+                Err(_) => false,
+            }
+    });
+    assert!(
+        repeated,
+        "the pull did not succeed again after the restart:\n{}",
+        rig.snapshotter.log()
+    );
+    assert!(output.contains("hello from sluice"), "{output}");
+}
