@@ -342,6 +342,17 @@ impl ChunkCache {
         &self.metrics
     }
 
+    /// The disk cache file holding exactly `chunk`'s data, after checking it against
+    /// the chunk digest; `None` when it is not cached (or was damaged). Blocking disk
+    /// I/O: call it off the async runtime. The filesystem uses it to hand whole
+    /// single-chunk files to the kernel (FUSE passthrough).
+    pub fn verified_chunk_file(&self, chunk: &Chunk) -> Option<PathBuf> {
+        match self.disk.read(&chunk.digest, chunk.size) {
+            Ok(Some(_)) => Some(self.disk.path(&chunk.digest)),
+            _ => None,
+        }
+    }
+
     /// Decompressed bytes currently held in memory.
     pub fn memory_resident_bytes(&self) -> u64 {
         self.memory.resident_bytes()
