@@ -54,7 +54,7 @@ impl Default for CacheOptions {
         Self {
             dir: PathBuf::new(),
             memory_bytes: 256 << 20,
-            shards: 32,
+            shards: 16,
             max_coalesced_bytes: 4 << 20,
         }
     }
