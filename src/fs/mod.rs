@@ -149,6 +149,10 @@ impl Drop for MountedLayer {
 }
 
 /// Mount `layer` read-only at `mountpoint`. Content reads run on `runtime`.
+///
+/// Blocks while the kernel handshake completes (milliseconds); from async code call
+/// it through `spawn_blocking`. The same holds for [`MountedLayer::unmount`] and
+/// for dropping a [`MountedLayer`], which wait for the FUSE threads to exit.
 pub fn mount_layer(
     layer: Arc<Layer>,
     cache: Arc<ChunkCache>,
@@ -453,6 +457,7 @@ impl Filesystem for LayerFs {
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
         {
             self.passthrough_active.store(true, Ordering::Relaxed);
+            tracing::debug!(layer = self.read.layer.label(), "FUSE passthrough enabled");
         }
         Ok(())
     }
