@@ -9,7 +9,10 @@
 //! | [`format`]   | eStargz / zstd:chunked: footer, TOC, validation into a [`format::LayerIndex`], chunk decompression. |
 //! | [`cache`]    | chunks on disk (content-addressed, atomic writes), hot chunks in memory, single-flight fetches, background streaming of a layer. |
 //! | [`fs`]       | the read-only FUSE filesystem of one layer, built from its index. |
+//! | [`snapshot`] | the containerd snapshotter: snapshot metadata (redb), overlay mounts, the gRPC service, the hook for remote layers. |
+//! | [`api`]      | containerd's snapshots gRPC API, generated from proto/. |
 //! | [`config`]   | TOML configuration shared by the daemon and the CLI. |
+//! | [`prefetch`] | static prefetch lists: the files a container's start reads, from the image rootfs and config ([`prefetch::analyze_entrypoint`]). |
 //! | [`metrics`]  | counters in Prometheus text format. |
 //!
 //! # How a read travels
@@ -26,10 +29,15 @@
 //! 6. [`fs`] copies the requested slice into the reply. Content is immutable, so the
 //!    kernel keeps it in its page cache and later reads never reach sluice.
 
+pub mod api;
 pub mod cache;
 pub mod config;
 pub mod digest;
 pub mod format;
 pub mod fs;
+pub mod layer;
+pub mod lazy;
 pub mod metrics;
+pub mod prefetch;
 pub mod registry;
+pub mod snapshot;

@@ -1,1 +1,281 @@
-fn main() {}
+//! `sluice`: the command line. Thin: parsing and printing only; the work is in the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use sluice::cache::{CacheOptions, ChunkCache, StreamOptions};
+use sluice::fs::{FsOptions, mount_layer};
+use sluice::layer::{LayerError, TocStore, open_remote_layer};
+use sluice::metrics::Metrics;
+use sluice::registry::{
+    Descriptor, ImageReference, Platform, RegistryClient, RegistryOptions, ResolvedImage,
+};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Lazy image layers for containerd")]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, default_value = "warn", env = "SLUICE_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount one layer of an image lazily, in the foreground, until SIGINT/SIGTERM.
+    Mount(MountArgs),
+    /// Show each layer of an image: format, size, entries, TOC digest, prefetch list.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct RegistryArgs {
+    /// Use plain HTTP for registries that are not on loopback (loopback always may).
+    #[arg(long)]
+    plain_http: bool,
+    /// containerd hosts directory with `<registry>/hosts.toml` mirror configuration.
+    #[arg(long, default_value = "/etc/containerd/certs.d")]
+    hosts_dir: PathBuf,
+    /// Docker config.json with registry credentials [default: $DOCKER_CONFIG/config.json
+    /// or ~/.docker/config.json].
+    #[arg(long)]
+    docker_config: Option<PathBuf>,
+    /// Platform to pick from a multi-platform image, os/arch[/variant].
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// Image reference, e.g. 127.0.0.1:5000/app:esgz.
+    reference: String,
+    /// Existing directory to mount the layer on.
+    mountpoint: PathBuf,
+    /// Which layer: its index (0 is the base layer) or its digest.
+    #[arg(long, default_value = "0")]
+    layer: String,
+    /// Where fetched chunks and TOCs are kept.
+    #[arg(long, default_value = "/var/lib/sluice/cache")]
+    cache_dir: PathBuf,
+    /// Do not stream the rest of the layer into the cache after mounting.
+    #[arg(long)]
+    no_background: bool,
+    /// Cap for background streaming, in bytes per second (0: no cap).
+    #[arg(long, default_value_t = 64 << 20)]
+    background_bytes_per_sec: u64,
+    /// A read whose data does not arrive in this many seconds fails with EIO.
+    #[arg(long, default_value_t = 30)]
+    read_timeout: u64,
+    /// Bytes of decompressed chunks kept in memory.
+    #[arg(long, default_value_t = 256 << 20)]
+    memory_cache_bytes: u64,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Image reference.
+    reference: String,
+    /// Print the files each layer asks to be prefetched.
+    #[arg(long)]
+    prefetch: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+                .with_context(|| format!("invalid --log-level {:?}", cli.log_level))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Mount(args) => runtime.block_on(mount(args)),
+        Command::Inspect(args) => runtime.block_on(inspect(args)),
+    }
+}
+
+async fn resolve(
+    args: &RegistryArgs,
+    reference: &str,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<RegistryClient>, ImageReference, ResolvedImage)> {
+    let image: ImageReference = reference.parse()?;
+    let platform: Platform = args.platform.parse()?;
+    let client = RegistryClient::new(
+        RegistryOptions {
+            plain_http: args.plain_http,
+            hosts_dir: Some(args.hosts_dir.clone()),
+            docker_config: args.docker_config.clone(),
+            ..RegistryOptions::default()
+        },
+        metrics,
+    )?;
+    let resolved = client.resolve(&image, &platform).await?;
+    Ok((client, image, resolved))
+}
+
+fn pick_layer<'a>(resolved: &'a ResolvedImage, wanted: &str) -> Result<(usize, &'a Descriptor)> {
+    let layers = &resolved.layers;
+    if let Ok(index) = wanted.parse::<usize>() {
+        return match layers.get(index) {
+            Some(layer) => Ok((index, layer)),
+            None => bail!(
+                "{} has {} layers (0..={}); there is no layer {index}",
+                resolved.reference,
+                layers.len(),
+                layers.len().saturating_sub(1)
+            ),
+        };
+    }
+    layers
+        .iter()
+        .enumerate()
+        .find(|(_, layer)| {
+            layer.digest.as_str() == wanted || layer.digest.hex().starts_with(wanted)
+        })
+        .with_context(|| {
+            format!(
+                "{} has no layer {wanted:?}; run `sluice inspect {}` to list them",
+                resolved.reference, resolved.reference
+            )
+        })
+}
+
+async fn mount(args: MountArgs) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let (client, image, resolved) =
+        resolve(&args.registry, &args.reference, Arc::clone(&metrics)).await?;
+    let (index, descriptor) = pick_layer(&resolved, &args.layer)?;
+    let cache = ChunkCache::open(
+        CacheOptions {
+            dir: args.cache_dir.clone(),
+            memory_bytes: args.memory_cache_bytes,
+            ..CacheOptions::default()
+        },
+        Arc::clone(&metrics),
+    )?;
+    let store = TocStore::new(args.cache_dir.join("tocs"));
+    let opened = open_remote_layer(
+        &client,
+        &image.to_string(),
+        image.repository(),
+        descriptor,
+        Some(&store),
+    )
+    .await?;
+    let layer = Arc::clone(&opened.layer);
+    let runtime = tokio::runtime::Handle::current();
+    let mountpoint = args.mountpoint.clone();
+    let options = FsOptions {
+        read_timeout: Duration::from_secs(args.read_timeout.max(1)),
+        fsname: format!(
+            "sluice:{}",
+            descriptor.digest.hex().get(..12).unwrap_or_default()
+        ),
+        ..FsOptions::default()
+    };
+    let mounted = {
+        let (layer, cache) = (Arc::clone(&layer), Arc::clone(&cache));
+        let runtime = runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            mount_layer(layer, cache, runtime, &mountpoint, options)
+        })
+        .await??
+    };
+    let _stream = (!args.no_background).then(|| {
+        cache.stream_layer(
+            Arc::clone(&layer),
+            StreamOptions {
+                bytes_per_sec: (args.background_bytes_per_sec > 0)
+                    .then_some(args.background_bytes_per_sec),
+                ..StreamOptions::default()
+            },
+            &runtime,
+        )
+    });
+    eprintln!(
+        "mounted layer {index} ({}, {}, {} entries, {} bytes) of {image} at {}; Ctrl-C to unmount",
+        descriptor.digest,
+        opened.format(),
+        opened.index().entries.len(),
+        descriptor.size,
+        args.mountpoint.display()
+    );
+    wait_for_signal().await?;
+    drop(_stream);
+    tokio::task::spawn_blocking(move || mounted.unmount()).await??;
+    eprint!("{}", metrics.render());
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn inspect(args: InspectArgs) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let (client, image, resolved) = resolve(&args.registry, &args.reference, metrics).await?;
+    println!("image    {image}");
+    println!("manifest {}", resolved.manifest_digest);
+    println!("config   {}", resolved.config_digest);
+    for (index, descriptor) in resolved.layers.iter().enumerate() {
+        println!();
+        println!("layer {index}  {}", descriptor.digest);
+        println!("  media type      {}", descriptor.media_type);
+        println!("  compressed size {}", descriptor.size);
+        match open_remote_layer(
+            &client,
+            &image.to_string(),
+            image.repository(),
+            descriptor,
+            None,
+        )
+        .await
+        {
+            Ok(opened) => {
+                let index = opened.index();
+                println!("  format          {}", opened.format());
+                println!("  entries         {}", index.entries.len());
+                println!("  toc digest      {}", opened.toc_digest);
+                println!(
+                    "  prefetch        {}",
+                    if index.no_prefetch {
+                        "none (.no.prefetch.landmark)".to_owned()
+                    } else {
+                        format!("{} files", index.prefetch.len())
+                    }
+                );
+                if args.prefetch {
+                    for &entry in &index.prefetch {
+                        println!("    /{}", index.entry(entry).name);
+                    }
+                }
+            }
+            Err(LayerError::NotChunked { .. }) => {
+                println!("  format          plain tar (not lazily mountable)");
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}

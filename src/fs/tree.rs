@@ -15,9 +15,10 @@ use crate::format::{Entry, EntryId, EntryKind, LayerIndex};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
-/// Extended attributes that tell overlayfs (in trusted and in user-xattr mode) to
-/// hide the lower layers' content of a directory.
-pub(crate) const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+/// The extended attribute that tells overlayfs to hide the lower layers' content of a
+/// directory. Only the `trusted.` form: containerd mounts overlay as root, and
+/// containerd's own unpacking (what a lazily mounted layer must equal) sets only this.
+pub(crate) const OPAQUE_XATTRS: [&str; 1] = ["trusted.overlay.opaque"];
 
 #[derive(Debug)]
 pub(crate) struct DirChild {
@@ -132,6 +133,8 @@ impl Tree {
                 {
                     let attr = &mut nodes[i].attr;
                     attr.kind = FileType::CharDevice;
+                    // As containerd's unpacker makes them: mknod(S_IFCHR, 0), no permissions.
+                    attr.perm = 0;
                     attr.rdev = 0;
                     attr.size = 0;
                     attr.blocks = 0;
