@@ -475,7 +475,12 @@ async fn check_snapshotter(
             _ => Ok(()),
         },
         None => {
-            let mut names: Vec<&str> = plugins.iter().map(|p| p.id.as_str()).collect();
+            // Snapshotters that failed to load (btrfs without btrfs, ...) are no option.
+            let mut names: Vec<&str> = plugins
+                .iter()
+                .filter(|p| p.init_err.as_ref().is_none_or(|e| e.code == 0))
+                .map(|p| p.id.as_str())
+                .collect();
             names.sort_unstable();
             Err(PullError::UnknownSnapshotter {
                 snapshotter: options.snapshotter.clone(),
