@@ -59,7 +59,10 @@ use crate::registry::{
     Descriptor, FetchPriority, ImageIndex, ImageReference, Platform, RegistryClient, RegistryError,
     RegistryOptions, ResolvedImage,
 };
-use crate::snapshot::{LABEL_SLUICE_IMAGE_REF, LABEL_SLUICE_LAYER_DIGEST, LABEL_TARGET_REF};
+use crate::snapshot::{
+    LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_SLUICE_IMAGE_REF, LABEL_SLUICE_LAYER_DIGEST,
+    LABEL_TARGET_REF,
+};
 
 /// gRPC metadata key containerd reads the namespace from.
 const NAMESPACE_HEADER: &str = "containerd-namespace";
@@ -842,12 +845,17 @@ impl Puller<'_> {
         let key = format!("extract-{}-{chain_id}", unique_suffix());
         let snapshotter = self.options.snapshotter.clone();
         let parent = parent.map(ToString::to_string).unwrap_or_default();
+        // containerd passes a proxy snapshotter only the labels under
+        // `containerd.io/snapshot/` (and the target): the `sluice.io/` ones reach sluice
+        // only when it is called directly, the CRI ones also through containerd.
         let mut labels = HashMap::from([
             (
                 LABEL_SLUICE_LAYER_DIGEST.to_owned(),
                 layer.digest.to_string(),
             ),
             (LABEL_SLUICE_IMAGE_REF.to_owned(), self.reference.to_owned()),
+            (LABEL_CRI_LAYER_DIGEST.to_owned(), layer.digest.to_string()),
+            (LABEL_CRI_IMAGE_REF.to_owned(), self.reference.to_owned()),
         ]);
         let commit_labels = labels.clone();
         labels.insert(LABEL_TARGET_REF.to_owned(), chain_id.to_string());

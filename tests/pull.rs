@@ -8,14 +8,21 @@
 mod common;
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::containerd::{ContainerdOptions, TestContainerd, unmount_all_under};
 use common::images::{ImageFormat, PushedImage, publish};
 use common::registry::{RegistryOptions, TestRegistry};
+use common::tree::expected_layer_tree;
 use common::{have_root_and_fuse, run_command, sha256_hex, short_tempdir, wait_until};
+use futures::future::BoxFuture;
+use sluice::snapshot::{
+    OverlaySnapshotter, RemoteLayerError, RemoteLayerRequest, RemoteLayers, RemoteMount,
+    RemoteSnapshot, SnapshotService,
+};
 use tempfile::TempDir;
 
 const PULL_NAMESPACE: &str = "pull";
@@ -202,7 +209,7 @@ impl Rig {
 
 /// `sluice pull --address ADDRESS --namespace pull --plain-http EXTRA REFERENCE`, with
 /// `--snapshotter sluice` unless `extra` names one.
-fn sluice_pull_at(address: &std::path::Path, reference: &str, extra: &[&str]) -> Output {
+fn sluice_pull_at(address: &Path, reference: &str, extra: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
     command.arg("pull").arg("--address").arg(address).args([
         "--namespace",
@@ -502,4 +509,233 @@ fn failed_layer_download_leaves_nothing_half_made() {
         "{snapshots:?}"
     );
     assert!(rig.ctr(&["images", "ls", "-q"]).trim().is_empty());
+}
+
+/// Stands in for the lazy FUSE layers: "mounts" a layer by extracting the blob from a
+/// local directory (never from the registry), and records what it was asked for.
+#[derive(Default)]
+struct LocalLayers {
+    /// `sha256/` of a content store holding the blobs; set once containerd runs.
+    blobs: Mutex<Option<PathBuf>>,
+    /// `(layer digest, image reference, target)` of every request.
+    requests: Mutex<Vec<(String, String, String)>>,
+}
+
+impl RemoteLayers for LocalLayers {
+    fn prepare_remote<'a>(
+        &'a self,
+        request: &'a RemoteLayerRequest,
+    ) -> BoxFuture<'a, Result<Option<RemoteMount>, RemoteLayerError>> {
+        Box::pin(async move {
+            self.requests.lock().unwrap().push((
+                request.layer_digest.clone(),
+                request.image_ref.clone(),
+                request.target.clone(),
+            ));
+            let blobs = self.blobs.lock().unwrap().clone();
+            let hex = request.layer_digest.trim_start_matches("sha256:");
+            let Some(blob) = blobs.map(|dir| dir.join(hex)).filter(|b| b.exists()) else {
+                return Ok(None);
+            };
+            let dir = request.mountpoint.clone();
+            let target = dir.clone();
+            tokio::task::spawn_blocking(move || expected_layer_tree(&blob, &target))
+                .await
+                .map_err(|error| RemoteLayerError {
+                    layer: request.layer_digest.clone(),
+                    source: Box::new(error),
+                })?;
+            Ok(Some(RemoteMount { dir }))
+        })
+    }
+
+    fn restore<'a>(
+        &'a self,
+        snapshot: &'a RemoteSnapshot,
+    ) -> BoxFuture<'a, Result<RemoteMount, RemoteLayerError>> {
+        Box::pin(async move {
+            Ok(RemoteMount {
+                dir: snapshot.dir.clone(),
+            })
+        })
+    }
+
+    fn unmount<'a>(
+        &'a self,
+        _snapshot: &'a RemoteSnapshot,
+    ) -> BoxFuture<'a, Result<(), RemoteLayerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The sluice snapshotter served from this process with [`LocalLayers`], on its own
+/// runtime thread; stopped (and its state dir removed) on drop.
+struct InProcessSnapshotter {
+    dir: TempDir,
+    layers: Arc<LocalLayers>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcessSnapshotter {
+    fn start() -> InProcessSnapshotter {
+        let dir = short_tempdir("sluice-ip-");
+        let layers = Arc::new(LocalLayers::default());
+        let socket = dir.path().join("sluice.sock");
+        let root = dir.path().join("root");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let remote: Arc<dyn RemoteLayers> = layers.clone();
+        let listening = socket.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("snapshotter runtime");
+            runtime.block_on(async move {
+                let snapshotter = Arc::new(
+                    OverlaySnapshotter::open(&root, remote)
+                        .await
+                        .expect("open snapshotter state"),
+                );
+                let listener =
+                    tokio::net::UnixListener::bind(&listening).expect("bind snapshotter socket");
+                let served = tonic::transport::Server::builder()
+                    .add_service(SnapshotService::new(Arc::clone(&snapshotter)).into_server())
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::UnixListenerStream::new(listener),
+                        async {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await;
+                snapshotter.shutdown().await;
+                served.expect("serving the snapshots API");
+            });
+        });
+        assert!(
+            wait_until(Duration::from_secs(30), || UnixStream::connect(&socket)
+                .is_ok()),
+            "in-process snapshotter did not listen on {}",
+            socket.display()
+        );
+        InProcessSnapshotter {
+            dir,
+            layers,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("sluice.sock")
+    }
+}
+
+impl Drop for InProcessSnapshotter {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        unmount_all_under(self.dir.path());
+    }
+}
+
+/// The lazy path end to end: the snapshotter answers `AlreadyExists` for every layer,
+/// so `sluice pull` downloads nothing, yet the image is recorded, unpacked under its
+/// chain ids and runs.
+#[test]
+fn layers_the_snapshotter_mounts_are_not_downloaded() {
+    if skip_without_root() {
+        return;
+    }
+    let snapshotter = InProcessSnapshotter::start();
+    let containerd = TestContainerd::start(ContainerdOptions {
+        proxy_snapshotter: Some((SNAPSHOTTER.to_owned(), snapshotter.socket())),
+        ..ContainerdOptions::default()
+    });
+    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let hosts_dir = short_tempdir("sluice-hosts-");
+    let image = publish(&containerd, &registry, "busybox", ImageFormat::Gzip);
+    *snapshotter.layers.blobs.lock().unwrap() = Some(
+        containerd
+            .root()
+            .join("io.containerd.content.v1.content/blobs/sha256"),
+    );
+    let ctr = |args: &[&str]| {
+        let mut all = vec!["--namespace", PULL_NAMESPACE];
+        all.extend_from_slice(args);
+        containerd.ctr(&all).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let pull = || {
+        let output = sluice_pull_at(
+            &containerd.socket(),
+            &image.reference,
+            &["--hosts-dir", &hosts_dir.path().to_string_lossy()],
+        );
+        assert!(
+            output.status.success(),
+            "sluice pull failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let layers = image.layers.len();
+    let chain = expected_chain_ids(&image);
+
+    let mark = registry.mark();
+    let summary = pull();
+    assert!(
+        summary.contains(&format!(
+            "{layers} layers: {layers} mounted lazily, 0 downloaded, 0 already present; 0 B"
+        )),
+        "{summary}"
+    );
+    assert_eq!(layer_bytes_since(&mut registry, mark, &image), 0);
+    let asked: Vec<(String, String, String)> = image
+        .layers
+        .iter()
+        .zip(&chain)
+        .map(|(layer, target)| {
+            (
+                layer.digest.clone(),
+                image.reference.clone(),
+                target.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(*snapshotter.layers.requests.lock().unwrap(), asked);
+
+    let committed: Vec<String> = ctr(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])
+        .lines()
+        .skip(1)
+        .filter(|line| line.trim_end().ends_with("Committed"))
+        .map(|line| line.split_whitespace().next().unwrap().to_owned())
+        .collect();
+    assert_eq!(sorted(committed), sorted(chain));
+    // Nothing of the layers is in this namespace's content store.
+    let content = ctr(&["content", "ls", "-q"]);
+    for layer in &image.layers {
+        assert!(!content.contains(&layer.digest), "{content}");
+    }
+    assert!(ctr(&["images", "ls", "-q"]).contains(&image.reference));
+    let output = ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &image.reference,
+        "lazy-run",
+    ]);
+    assert_eq!(output.trim(), BUSYBOX_OUTPUT);
+
+    let again = pull();
+    assert!(
+        again.contains(&format!("{layers} already present")),
+        "{again}"
+    );
+    assert_eq!(snapshotter.layers.requests.lock().unwrap().len(), layers);
 }
