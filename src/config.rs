@@ -4,8 +4,6 @@
 //! are rejected with the key's name: a misspelt option silently falling back to its
 //! default is worse than refusing to start. docs/configuration.md lists every option.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,20 +15,20 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/config.toml";
 /// A configuration that could not be read or is not acceptable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading configuration file {path}: {source}")]
+    // The underlying errors are part of the message rather than a `#[source]`: toml's
+    // text is the useful part, and a source chain would print it twice.
+    #[error("reading configuration file {path}: {reason}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// Syntax errors, wrong types and unknown keys; toml's message names the key.
     #[error(
-        "parsing configuration file {path}: {source}; see docs/configuration.md for the options"
+        "parsing configuration file {path}: {reason}(see docs/configuration.md for the options)"
     )]
     Parse {
         path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
+        reason: Box<toml::de::Error>,
     },
     #[error("configuration option `{option}`: {reason}")]
     Invalid {
@@ -106,9 +104,6 @@ pub struct RegistryConfig {
     pub request_timeout_secs: u64,
     /// Further attempts after a transient failure (network error, 5xx, timeout).
     pub retries: u32,
-    /// Credentials by registry host (`"registry.example.com:5000"`), tried before
-    /// the Docker config.
-    pub credentials: BTreeMap<String, RegistryCredentials>,
 }
 
 impl Default for RegistryConfig {
@@ -119,7 +114,6 @@ impl Default for RegistryConfig {
             docker_config: None,
             request_timeout_secs: 30,
             retries: 3,
-            credentials: BTreeMap::new(),
         }
     }
 }
@@ -127,47 +121,6 @@ impl Default for RegistryConfig {
 impl RegistryConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
-    }
-}
-
-/// `[registry.credentials."HOST"]`: either a username and password, or a bearer token.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryCredentials {
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default)]
-    pub password: Option<Secret>,
-    /// An identity token or registry token, sent as `Authorization: Bearer`.
-    #[serde(default)]
-    pub token: Option<Secret>,
-}
-
-/// A value that must never reach a log: `Debug` and `Display` print `<redacted>`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
     }
 }
 
@@ -188,7 +141,8 @@ impl Default for FsConfig {
         Self {
             read_timeout_secs: 60,
             background_fetch: true,
-            background_bandwidth_bytes_per_sec: 0,
+            // Half of a 1 Gbit/s link: streaming never starves the node or the registry.
+            background_bandwidth_bytes_per_sec: 64 << 20,
         }
     }
 }
@@ -232,16 +186,16 @@ impl Config {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(source) => {
+            Err(reason) => {
                 return Err(ConfigError::Read {
                     path: path.to_owned(),
-                    source,
+                    reason,
                 });
             }
         };
-        let config = Self::parse(&text).map_err(|source| ConfigError::Parse {
+        let config = Self::parse(&text).map_err(|reason| ConfigError::Parse {
             path: path.to_owned(),
-            source: Box::new(source),
+            reason: Box::new(reason),
         })?;
         config.validate()?;
         Ok(config)
@@ -311,15 +265,6 @@ impl Config {
                 reason: format!("{} is more than the limit of 100", self.registry.retries),
             });
         }
-        for (host, credentials) in &self.registry.credentials {
-            let has_password = credentials.username.is_some() && credentials.password.is_some();
-            if has_password == credentials.token.is_some() {
-                return Err(ConfigError::Invalid {
-                    option: "registry.credentials",
-                    reason: format!("{host:?} needs either username and password, or token"),
-                });
-            }
-        }
         Ok(())
     }
 }
@@ -356,9 +301,6 @@ mod tests {
             [registry]
             plain_http = true
             retries = 5
-            [registry.credentials."r.example:5000"]
-            username = "u"
-            password = "hunter2"
             [fs]
             background_fetch = false
             [prefetch]
@@ -373,8 +315,6 @@ mod tests {
         assert_eq!(config.registry.retries, 5);
         assert!(!config.fs.background_fetch);
         assert_eq!(config.prefetch.timeout(), Duration::ZERO);
-        let credentials = &config.registry.credentials["r.example:5000"];
-        assert_eq!(credentials.password.as_ref().unwrap().expose(), "hunter2");
     }
 
     #[test]
@@ -383,17 +323,6 @@ mod tests {
         assert!(error.to_string().contains("sockett"), "{error}");
         let error = Config::parse("[nonsense]\n").unwrap_err();
         assert!(error.to_string().contains("nonsense"), "{error}");
-    }
-
-    #[test]
-    fn secrets_are_redacted() {
-        let config = Config::parse(
-            "[registry.credentials.\"h\"]\nusername = \"u\"\npassword = \"hunter2\"\n",
-        )
-        .unwrap();
-        let printed = format!("{config:?}");
-        assert!(!printed.contains("hunter2"), "{printed}");
-        assert!(printed.contains("<redacted>"));
     }
 
     #[test]
@@ -422,7 +351,5 @@ mod tests {
                 ..
             })
         ));
-        let half = Config::parse("[registry.credentials.\"h\"]\nusername = \"u\"\n").unwrap();
-        assert!(half.validate().is_err());
     }
 }

@@ -20,7 +20,7 @@ use crate::registry::{
 
 /// Bytes read from the end of a blob on open. Most TOCs fit, so footer and TOC usually
 /// arrive in one request instead of two.
-const TAIL_READ: u64 = 512 << 10;
+const TAIL_READ: u64 = 64 << 10;
 
 /// A layer that could not be opened, with the image and layer it was.
 #[derive(Debug, thiserror::Error)]

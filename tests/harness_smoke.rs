@@ -40,7 +40,7 @@ fn curl(args: &[&str]) -> Result<Vec<u8>, String> {
 
 #[test]
 fn registry_access_log_counts_bytes_per_request() {
-    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let registry = TestRegistry::start(RegistryOptions::default());
     let data = pattern(100_000);
     let digest = registry.upload_blob("smoke/blob", &data);
     let url = format!("{}/v2/smoke/blob/blobs/{digest}", registry.url());
@@ -61,8 +61,14 @@ fn registry_access_log_counts_bytes_per_request() {
     assert_eq!(records[0].status, 206);
     assert_eq!(records[1].status, 200);
 
+    registry.delete_blob("smoke/blob", &digest);
+    assert!(curl(&[&url]).is_err(), "deleted blob must be gone");
+
     let before_reset = registry.requests();
-    assert!(before_reset >= 3, "upload + 2 reads, got {before_reset}");
+    assert!(
+        before_reset >= 5,
+        "upload + 2 reads + delete + read, got {before_reset}"
+    );
     registry.reset_counters();
     assert_eq!(registry.requests(), 0);
     assert_eq!(registry.served_bytes(), 0);
@@ -70,7 +76,7 @@ fn registry_access_log_counts_bytes_per_request() {
 
 #[test]
 fn registry_restarts_on_same_port_with_same_storage() {
-    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let registry = TestRegistry::start(RegistryOptions::default());
     let data = pattern(5000);
     let digest = registry.upload_blob("smoke/restart", &data);
     let url = format!("{}/v2/smoke/restart/blobs/{digest}", registry.url());
@@ -104,7 +110,7 @@ fn registry_with_htpasswd_requires_credentials() {
 
 #[test]
 fn proxy_forwards_counts_and_corrupts_only_the_chosen_range() {
-    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let registry = TestRegistry::start(RegistryOptions::default());
     let data = pattern(200_000);
     let digest = registry.upload_blob("smoke/proxy", &data);
     let proxy = TestProxy::start(registry.addr());
@@ -142,8 +148,17 @@ fn proxy_forwards_counts_and_corrupts_only_the_chosen_range() {
 
     proxy.clear_corruption();
     assert_eq!(curl(&[&url]).unwrap(), data);
+
+    proxy.fail_next(2, 503);
+    for _ in 0..2 {
+        let err = curl(&[&url]).unwrap_err();
+        assert!(err.contains("503"), "{err}");
+    }
+    assert_eq!(curl(&[&url]).unwrap(), data);
+
     let records = proxy.records();
-    assert_eq!(records.len(), 5);
+    assert_eq!(records.len(), 8);
+    assert_eq!(records[5].status, 503);
     assert_eq!(records[2].range.as_deref(), Some("bytes=9995-10019"));
     assert!(records[2].corrupted);
 }
@@ -171,6 +186,17 @@ fn proxy_hang_holds_requests_until_released() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     proxy.set_hang(false);
     assert_eq!(held.join().unwrap().unwrap(), b"held");
+    assert_eq!(curl(&[&url]).unwrap(), b"held");
+
+    // Stalling mid-body: the client gets part of the body, then nothing.
+    proxy.set_stall_mid_body(true);
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "1", &url])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(28), "expected a curl timeout");
+    assert_eq!(output.stdout, b"he");
+    proxy.set_stall_mid_body(false);
     assert_eq!(curl(&[&url]).unwrap(), b"held");
 }
 
@@ -237,7 +263,7 @@ fn containerd_with_cri_loads_the_cri_plugin() {
 #[test]
 fn images_convert_push_and_carry_toc_annotations() {
     use common::images::{ImageFormat, publish_all};
-    let mut registry = TestRegistry::start(RegistryOptions::default());
+    let registry = TestRegistry::start(RegistryOptions::default());
     let containerd =
         common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());
     let published = publish_all(&containerd, &registry, "everything");
@@ -416,4 +442,70 @@ fn busybox_image_runs_a_container() {
         ])
         .unwrap();
     assert_eq!(output.trim(), "42");
+}
+
+#[test]
+fn toc_reader_locates_every_chunk_of_the_big_file() {
+    use common::images::{ImageFormat, publish};
+    use common::toc::{decompress_range, read_toc};
+    let registry = TestRegistry::start(RegistryOptions::default());
+    let containerd =
+        common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());
+    let image = common::images::build_image("everything");
+    let work = common::short_tempdir("sluice-toc-");
+    common::tree::extract_layer(&image.blob_path(&image.layers[0].digest), work.path());
+    let big = std::fs::read(work.path().join("data/big.bin")).unwrap();
+
+    for format in [ImageFormat::Estargz, ImageFormat::ZstdChunked] {
+        let pushed = publish(&containerd, &registry, "everything", format);
+        let layer = &pushed.layers[0];
+        let toc = read_toc(&pushed.local_layer(0), layer);
+        assert!(toc.toc_offset < layer.size);
+        let blob = std::fs::read(pushed.local_layer(0)).unwrap();
+        let chunks = toc.chunks_of("data/big.bin");
+        assert!(chunks.len() >= 52, "{format:?}: {} chunks", chunks.len());
+        let mut covered = 0;
+        for chunk in &chunks {
+            assert_eq!(
+                chunk.chunk_offset, covered,
+                "{format:?}: chunks must be contiguous"
+            );
+            let decompressed = decompress_range(
+                &blob,
+                chunk.blob_range(),
+                format == ImageFormat::ZstdChunked,
+            );
+            let range = chunk.file_range();
+            // The range may run on into the next entry's tar header; the chunk is its prefix.
+            assert!(decompressed.len() as u64 >= chunk.chunk_size);
+            let data = &decompressed[..chunk.chunk_size as usize];
+            assert!(
+                data == &big[range.start as usize..range.end as usize],
+                "{format:?} chunk at {} does not hold the file's bytes",
+                chunk.chunk_offset
+            );
+            if let Some(digest) = &chunk.chunk_digest {
+                assert_eq!(digest, &format!("sha256:{}", common::sha256_hex(data)));
+            }
+            covered = range.end;
+        }
+        assert_eq!(covered, big.len() as u64);
+    }
+}
+
+#[test]
+fn images_publish_to_a_registry_requiring_credentials() {
+    use common::images::{ImageFormat, publish};
+    let registry = TestRegistry::start(RegistryOptions {
+        htpasswd: Some(("pusher".into(), "pw".into())),
+    });
+    let containerd =
+        common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());
+    let image = publish(&containerd, &registry, "busybox", ImageFormat::Estargz);
+    assert_eq!(image.layers.len(), 2);
+    assert!(image.layers.iter().all(|l| l.toc_digest().is_some()));
+    let url = image.blob_url(&registry.url(), &image.layers[0].digest);
+    assert!(curl(&[&url]).is_err(), "anonymous pull must be refused");
+    let blob = curl(&["-u", "pusher:pw", &url]).unwrap();
+    assert_eq!(blob.len() as u64, image.layers[0].size);
 }

@@ -218,7 +218,7 @@ fn mounted_layers_equal_tar_extraction() {
 /// under 5 % of the layer's bytes, counted in the registry's access log.
 #[test]
 fn small_read_transfers_a_small_fraction_of_the_layer() {
-    let mut setup = setup(RegistryOptions::default());
+    let setup = setup(RegistryOptions::default());
     for format in [ImageFormat::Estargz, ImageFormat::ZstdChunked] {
         let image = setup.publish(format);
         let layer = &image.layers[0];
@@ -392,7 +392,7 @@ fn basic_auth_from_docker_config() {
 /// cached ones keep working, and after a restart new reads succeed on the same mount.
 #[test]
 fn registry_outage_fails_fast_and_recovers() {
-    let mut setup = setup(RegistryOptions::default());
+    let setup = setup(RegistryOptions::default());
     let image = setup.publish(ImageFormat::Estargz);
     let mount = SluiceMount::start(
         &image.reference,

@@ -14,6 +14,7 @@ use base64::Engine as _;
 use futures::future::BoxFuture;
 use sluice::digest::Digest;
 use sluice::metrics::Metrics;
+use sluice::registry::auth::Credentials;
 use sluice::registry::manifest::{DOCKER_CONFIG, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST};
 use sluice::registry::{
     BlobSource, Descriptor, FetchPriority, ImageReference, Platform, RegistryClient, RegistryError,
@@ -36,6 +37,7 @@ fn free_port() -> u16 {
 struct RealRegistry {
     child: Child,
     port: u16,
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -48,8 +50,26 @@ impl Drop for RealRegistry {
 
 impl RealRegistry {
     async fn start(htpasswd: Option<&str>) -> Self {
+        Self::start_with(htpasswd, None).await
+    }
+
+    /// `tls`: certificate and key files to serve HTTPS with.
+    async fn start_with(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Self {
+        // The port is free when picked but another process may take it before the
+        // registry binds it: then the registry exits and we try another port. A nonce
+        // response header proves the probe reached our registry, not someone else's.
+        for _ in 0..5 {
+            if let Some(registry) = Self::try_start(htpasswd, tls).await {
+                return registry;
+            }
+        }
+        panic!("docker-registry did not start");
+    }
+
+    async fn try_start(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let nonce = format!("{}-{port}", std::process::id());
         let auth = match htpasswd {
             Some(line) => {
                 let path = dir.path().join("htpasswd");
@@ -61,10 +81,19 @@ impl RealRegistry {
             }
             None => String::new(),
         };
+        let tls_config = match tls {
+            Some((cert, key)) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         let config = format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: sluice-test\n{auth}",
+             http:\n  addr: 127.0.0.1:{port}\n  secret: sluice-test\n\
+             \x20 headers:\n    X-Sluice-Test: [\"{nonce}\"]\n{tls_config}{auth}",
             dir.path().join("data").display()
         );
         let config_path = dir.path().join("config.yml");
@@ -77,21 +106,28 @@ impl RealRegistry {
             .stderr(log)
             .spawn()
             .expect("docker-registry must be installed (Debian package docker-registry)");
-        let registry = Self {
+        let mut registry = Self {
             child,
             port,
+            tls: tls.is_some(),
             _dir: dir,
         };
-        let http = reqwest::Client::new();
+        let http = test_http_client();
         for _ in 0..200 {
+            if registry.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
             if let Ok(resp) = http.get(format!("{}/v2/", registry.base())).send().await
-                && (resp.status().is_success() || resp.status() == 401)
+                && resp
+                    .headers()
+                    .get("x-sluice-test")
+                    .is_some_and(|v| v.as_bytes() == nonce.as_bytes())
             {
-                return registry;
+                return Some(registry);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("docker-registry did not start on port {port}");
+        None
     }
 
     fn host(&self) -> String {
@@ -99,8 +135,17 @@ impl RealRegistry {
     }
 
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
+}
+
+/// For the test's own setup requests (pushing, probing), which trust any certificate.
+fn test_http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
 }
 
 /// Pushes with the plain distribution API (monolithic uploads).
@@ -113,7 +158,7 @@ struct Pusher {
 impl Pusher {
     fn new(base: String, auth: Option<(&str, &str)>) -> Self {
         Self {
-            http: reqwest::Client::new(),
+            http: test_http_client(),
             base,
             auth: auth.map(|(u, p)| (u.to_owned(), p.to_owned())),
         }
@@ -293,6 +338,7 @@ struct Request {
     method: String,
     path: String,
     headers: Vec<(String, String)>,
+    body: Vec<u8>,
 }
 
 impl Request {
@@ -347,7 +393,11 @@ impl Drop for TestServer {
 
 impl TestServer {
     async fn start(handler: Handler) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0", handler).await
+    }
+
+    async fn start_on(bind: &str, handler: Handler) -> Self {
+        let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             loop {
@@ -404,10 +454,24 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Request> {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[header_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
     Some(Request {
         method,
         path,
         headers,
+        body,
     })
 }
 
@@ -688,6 +752,85 @@ async fn basic_auth_with_docker_config() {
     assert!(text.contains(&bad.display().to_string()), "{text}");
     assert!(!text.contains("wrong-secret") && !format!("{err:?}").contains("wrong-secret"));
 
+    // Credentials given in the options win over the docker config.
+    let mut configured = std::collections::HashMap::new();
+    configured.insert(registry.host(), Credentials::basic("user", "pass"));
+    let (with_options, _) = new_client(RegistryOptions {
+        docker_config: Some(bad.clone()),
+        credentials: configured,
+        ..options()
+    });
+    let resolved = with_options
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest_digest, image.manifest_digest);
+    let mut wrong = std::collections::HashMap::new();
+    wrong.insert(registry.host(), Credentials::basic("user", "nope"));
+    let (wrong_options, _) = new_client(RegistryOptions {
+        credentials: wrong,
+        ..options()
+    });
+    let err = wrong_options
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
+    assert!(err.to_string().contains("registry settings"), "{err}");
+
+    // Credentials from a credential helper named in credHelpers.
+    let helper_dir = tempfile::tempdir().unwrap();
+    let helper = helper_dir.path().join("docker-credential-sluicetest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n\
+             if [ \"$1\" = get ] && [ \"$server\" = \"{}\" ]; then\n\
+             printf '{{\"ServerURL\":\"%s\",\"Username\":\"user\",\"Secret\":\"pass\"}}' \"$server\"\n\
+             else echo 'credentials not found in native keychain'; exit 1; fi\n",
+            registry.host()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let helper_config = helper_dir.path().join("config.json");
+    std::fs::write(
+        &helper_config,
+        serde_json::to_vec(&serde_json::json!({"credHelpers": {registry.host(): "sluicetest"}}))
+            .unwrap(),
+    )
+    .unwrap();
+    let (helped, _) = new_client(RegistryOptions {
+        docker_config: Some(helper_config.clone()),
+        credential_helper_dir: Some(helper_dir.path().to_owned()),
+        ..options()
+    });
+    let resolved = helped
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest_digest, image.manifest_digest);
+
+    // A helper that knows nothing about this registry (credsStore for every host).
+    let store_config = helper_dir.path().join("store.json");
+    std::fs::write(&store_config, r#"{"credsStore": "sluicetest"}"#).unwrap();
+    let other = RealRegistry::start(Some(std::str::from_utf8(&htpasswd.stdout).unwrap())).await;
+    let (stored, _) = new_client(RegistryOptions {
+        docker_config: Some(store_config),
+        credential_helper_dir: Some(helper_dir.path().to_owned()),
+        ..options()
+    });
+    let other_ref: ImageReference = format!("{}/test/img:v1", other.host()).parse().unwrap();
+    let err = stored
+        .resolve(&other_ref, &Platform::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
+    assert!(
+        err.to_string().contains("docker-credential-sluicetest"),
+        "{err}"
+    );
+
     // No credentials at all.
     let (anonymous, _) = new_client(options());
     let err = anonymous
@@ -704,6 +847,8 @@ struct TokenSetup {
     gate: TestServer,
     _token_server: TestServer,
     token_requests: Arc<Mutex<Vec<Request>>>,
+    /// Tokens numbered below this are refused by the gate (revoked).
+    oldest_valid: Arc<AtomicU64>,
     image: PushedImage,
 }
 
@@ -723,37 +868,61 @@ async fn token_setup(require_credentials: bool) -> TokenSetup {
     let token_server = {
         let token_requests = Arc::clone(&token_requests);
         let issued = Arc::clone(&issued);
-        TestServer::start(handler(move |req: Request| {
-            token_requests.lock().unwrap().push(req.clone());
-            let expected = format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
-            );
-            let authorised = match req.header("authorization") {
-                Some(auth) => auth == expected,
-                None => !require_credentials,
-            };
-            let n = issued.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if !authorised {
-                    return Response::new(401);
+        TestServer::start(Arc::new(
+            move |req: Request| -> BoxFuture<'static, Response> {
+                token_requests.lock().unwrap().push(req.clone());
+                let expected = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+                );
+                let n = issued.fetch_add(1, Ordering::SeqCst);
+                // OAuth2 refresh-token grant (identity tokens) by POST, else the plain GET.
+                if req.method == "POST" {
+                    let form = String::from_utf8_lossy(&req.body).into_owned();
+                    let fields: Vec<&str> = form.split('&').collect();
+                    let valid = fields.contains(&"grant_type=refresh_token")
+                        && fields.contains(&"refresh_token=refresh-xyz")
+                        && fields.contains(&"scope=repository%3Atest%2Fimg%3Apull");
+                    return Box::pin(async move {
+                        if !valid {
+                            return Response::new(401);
+                        }
+                        Response::new(200)
+                            .header("content-type", "application/json")
+                            .body(format!(r#"{{"access_token":"tok-{n}","expires_in":300}}"#))
+                    });
                 }
-                Response::new(200)
-                    .header("content-type", "application/json")
-                    .body(format!(r#"{{"token":"tok-{n}","expires_in":300}}"#))
-            }
-        }))
+                let authorised = match req.header("authorization") {
+                    Some(auth) => auth == expected,
+                    None => !require_credentials,
+                };
+                Box::pin(async move {
+                    if !authorised {
+                        return Response::new(401);
+                    }
+                    Response::new(200)
+                        .header("content-type", "application/json")
+                        .body(format!(r#"{{"token":"tok-{n}","expires_in":300}}"#))
+                })
+            },
+        ))
         .await
     };
     let realm = format!("http://{}/token", token_server.host());
     let upstream = registry.base();
+    let oldest_valid = Arc::new(AtomicU64::new(0));
+    let gate_oldest_valid = Arc::clone(&oldest_valid);
     let gate = TestServer::start(handler(move |req: Request| {
+        let oldest_valid = Arc::clone(&gate_oldest_valid);
         let realm = realm.clone();
         let upstream = upstream.clone();
         async move {
+            let oldest = oldest_valid.load(Ordering::SeqCst);
             let authorised = req
                 .header("authorization")
-                .is_some_and(|a| a.starts_with("Bearer tok-"));
+                .and_then(|a| a.strip_prefix("Bearer tok-"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n >= oldest);
             if !authorised {
                 return Response::new(401).header(
                     "www-authenticate",
@@ -784,6 +953,7 @@ async fn token_setup(require_credentials: bool) -> TokenSetup {
         gate,
         _token_server: token_server,
         token_requests,
+        oldest_valid,
         image,
     }
 }
@@ -836,6 +1006,15 @@ async fn bearer_token_flow_with_credentials() {
         requests[0].path
     );
 
+    // The gate revokes the token: one new token is fetched and the read succeeds.
+    setup.oldest_valid.store(1, Ordering::SeqCst);
+    let bytes = blob
+        .read_range(0..100, FetchPriority::OnDemand)
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), &setup.image.layers[0][..100]);
+    assert_eq!(setup.token_requests.lock().unwrap().len(), 2);
+
     // Wrong credentials: the token server refuses, and the error says where to look.
     let bad_dir = tempfile::tempdir().unwrap();
     let bad = docker_config_with(bad_dir.path(), &setup.gate.host(), "alice", "nope");
@@ -867,6 +1046,28 @@ async fn bearer_token_flow_anonymous() {
     let requests = setup.token_requests.lock().unwrap().clone();
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].header("authorization"), None);
+
+    // Readers refused together share one token fetch.
+    let (fresh, _) = new_client(options());
+    let blob = fresh.remote_blob(
+        reference.repository().clone(),
+        resolved.layers[0].digest.clone(),
+        resolved.layers[0].size,
+    );
+    let reads =
+        (0..8u64).map(|i| blob.read_range(i * 1000..i * 1000 + 10, FetchPriority::Prefetch));
+    for (i, result) in futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let start = i * 1000;
+        assert_eq!(
+            result.unwrap().as_ref(),
+            &setup.image.layers[0][start..start + 10]
+        );
+    }
+    assert_eq!(setup.token_requests.lock().unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1076,13 +1277,15 @@ async fn hanging_registry_times_out() {
     assert!(err.transient, "{err}");
     assert!(err.reason.contains("no response"), "{err}");
 
-    // A 206 whose body is shorter than the range it claims.
+    // A 206 that declares a body shorter than the range it claims: a broken server,
+    // reported as such rather than retried.
     let blob = client.remote_blob(repo_on(&stall), digest, 100);
     let err = blob
         .read_range(0..10, FetchPriority::OnDemand)
         .await
         .unwrap_err();
-    assert!(err.transient, "{err}");
+    assert!(!err.transient, "{err}");
+    assert!(err.reason.contains("206 with a body of 0 bytes"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1300,4 +1503,541 @@ async fn manifest_pinned_by_digest_is_verified() {
         text.contains(&server.host()) && text.contains(pinned.as_str()),
         "{text}"
     );
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl must be installed");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it.
+fn make_certificates(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sluice test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_hosts_toml_ca_and_skip_verify() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let registry = RealRegistry::start_with(
+        None,
+        Some((
+            &certs.path().join("server.pem"),
+            &certs.path().join("server.key"),
+        )),
+    )
+    .await;
+    let image = push_image(
+        &Pusher::new(registry.base(), None),
+        "test/img",
+        Some("v1"),
+        "amd64",
+        6,
+    )
+    .await;
+    let reference: ImageReference = format!("{}/test/img:v1", registry.host()).parse().unwrap();
+
+    let hosts_dir_with = |extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let host_dir = dir.path().join(registry.host());
+        std::fs::create_dir_all(&host_dir).unwrap();
+        std::fs::copy(certs.path().join("ca.pem"), host_dir.join("ca.pem")).unwrap();
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            format!("server = \"https://{}\"\n{extra}", registry.host()),
+        )
+        .unwrap();
+        dir
+    };
+
+    // Trusting the test CA (relative `ca` path) works; so does skip_verify.
+    for extra in ["ca = \"ca.pem\"\n", "skip_verify = true\n"] {
+        let hosts = hosts_dir_with(extra);
+        let (client, _) = new_client(RegistryOptions {
+            hosts_dir: Some(hosts.path().to_owned()),
+            ..options()
+        });
+        let resolved = client
+            .resolve(&reference, &Platform::default())
+            .await
+            .unwrap();
+        assert_eq!(resolved.manifest_digest, image.manifest_digest, "{extra}");
+        let blob = client.remote_blob(
+            reference.repository().clone(),
+            resolved.layers[0].digest.clone(),
+            resolved.layers[0].size,
+        );
+        let bytes = blob
+            .read_range(7..77, FetchPriority::OnDemand)
+            .await
+            .unwrap();
+        assert_eq!(bytes.as_ref(), &image.layers[0][7..77]);
+    }
+
+    // Without the CA the certificate is refused, and the error names the registry.
+    let hosts = hosts_dir_with("");
+    let (client, _) = new_client(RegistryOptions {
+        hosts_dir: Some(hosts.path().to_owned()),
+        on_demand_retries: 0,
+        ..options()
+    });
+    let err = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Transport { .. }), "{err}");
+    assert!(err.to_string().contains(&registry.host()), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_toml_headers_reach_the_mirror() {
+    let (data, digest, _) = blob_fixture();
+    let data = Arc::new(data);
+    let upstream = format!("127.0.0.1:{}", free_port());
+    let mirror = {
+        let data = Arc::clone(&data);
+        let upstream = upstream.clone();
+        TestServer::start(handler(move |req: Request| {
+            let data = Arc::clone(&data);
+            let upstream = upstream.clone();
+            async move {
+                if req.header("x-mirror-key") != Some("k1") {
+                    return Response::new(403);
+                }
+                if !req.path.ends_with(&format!("?ns={upstream}")) {
+                    return Response::new(400);
+                }
+                serve_range(&data, &req)
+            }
+        }))
+        .await
+    };
+    let hosts = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(hosts.path().join(&upstream)).unwrap();
+    std::fs::write(
+        hosts.path().join(&upstream).join("hosts.toml"),
+        format!(
+            "server = \"http://{upstream}\"\n\
+             [host.\"http://{}\"]\n  capabilities = [\"pull\"]\n  \
+             [host.\"http://{}\".header]\n    x-mirror-key = \"k1\"\n",
+            mirror.host(),
+            mirror.host()
+        ),
+    )
+    .unwrap();
+    let (client, _) = new_client(RegistryOptions {
+        hosts_dir: Some(hosts.path().to_owned()),
+        ..options()
+    });
+    let repo = Repository::new(&upstream, "test/img").unwrap();
+    let bytes = client
+        .read_range(
+            &repo,
+            &digest,
+            data.len() as u64,
+            10..20,
+            FetchPriority::OnDemand,
+        )
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), &data[10..20]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_mirror_is_skipped_for_a_while() {
+    let (data, digest, _) = blob_fixture();
+    let data = Arc::new(data);
+    let mirror_hits = Arc::new(AtomicU64::new(0));
+    let mirror = {
+        let hits = Arc::clone(&mirror_hits);
+        TestServer::start(handler(move |_req: Request| {
+            hits.fetch_add(1, Ordering::SeqCst);
+            async { Response::new(503) }
+        }))
+        .await
+    };
+    let upstream = {
+        let data = Arc::clone(&data);
+        TestServer::start(handler(move |req: Request| {
+            let data = Arc::clone(&data);
+            async move { serve_range(&data, &req) }
+        }))
+        .await
+    };
+    let hosts = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(hosts.path().join(upstream.host())).unwrap();
+    std::fs::write(
+        hosts.path().join(upstream.host()).join("hosts.toml"),
+        format!("[host.\"http://{}\"]\n", mirror.host()),
+    )
+    .unwrap();
+    let (client, _) = new_client(RegistryOptions {
+        hosts_dir: Some(hosts.path().to_owned()),
+        ..options()
+    });
+    let blob = client.remote_blob(repo_on(&upstream), digest, data.len() as u64);
+    for start in [0u64, 100, 200] {
+        let bytes = blob
+            .read_range(start..start + 50, FetchPriority::OnDemand)
+            .await
+            .unwrap();
+        assert_eq!(bytes.as_ref(), &data[start as usize..start as usize + 50]);
+    }
+    // Tried once, then left alone: a single attempt (no retries on a mirror).
+    assert_eq!(mirror_hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_names_use_plain_http() {
+    let (data, digest, _) = blob_fixture();
+    let data = Arc::new(data);
+    let serve = |data: Arc<Vec<u8>>| {
+        handler(move |req: Request| {
+            let data = Arc::clone(&data);
+            async move { serve_range(&data, &req) }
+        })
+    };
+    let v6 = TestServer::start_on("[::1]:0", serve(Arc::clone(&data))).await;
+    let v4 = TestServer::start(serve(Arc::clone(&data))).await;
+    let (client, _) = new_client(options());
+    for registry in [
+        format!("[::1]:{}", v6.addr.port()),
+        format!("localhost:{}", v4.addr.port()),
+    ] {
+        let reference: ImageReference = format!("{registry}/test/img@{digest}").parse().unwrap();
+        let bytes = client
+            .read_range(
+                reference.repository(),
+                &digest,
+                data.len() as u64,
+                0..64,
+                FetchPriority::OnDemand,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{registry}: {e}"));
+        assert_eq!(bytes.as_ref(), &data[..64]);
+    }
+}
+
+/// Writes an OCI image layout with one real gzip'd tar layer; returns the layer bytes.
+fn write_oci_layout(dir: &Path, tag: &str) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let content = pseudo_random(20_000, 7);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "data.bin", content.as_slice())
+        .unwrap();
+    let tar = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let layer = gz.finish().unwrap();
+
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let digest = Digest::sha256_of(data);
+        std::fs::write(blobs.join(digest.hex()), data).unwrap();
+        digest
+    };
+    put(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [Digest::sha256_of(&tar)]},
+    }))
+    .unwrap();
+    put(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, &config),
+        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &layer)],
+    }))
+    .unwrap();
+    let manifest_digest = put(&manifest);
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": manifest.len(),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }],
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    layer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pushed_by_skopeo_as_docker_schema2() {
+    let registry = RealRegistry::start(None).await;
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    let layer = write_oci_layout(&layout, "v1");
+    let policy = work.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    let copy = tokio::process::Command::new("skopeo")
+        .arg("--policy")
+        .arg(&policy)
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--format",
+            "v2s2",
+        ])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{}/test/docker:v1", registry.host()))
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), copy)
+        .await
+        .expect("skopeo copy did not finish")
+        .expect("skopeo must be installed");
+    assert!(
+        output.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let (client, _) = new_client(options());
+    let reference: ImageReference = format!("{}/test/docker:v1", registry.host())
+        .parse()
+        .unwrap();
+    let resolved = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        resolved.manifest_media_type,
+        sluice::registry::manifest::DOCKER_MANIFEST
+    );
+    assert_eq!(resolved.manifest.config.media_type, DOCKER_CONFIG);
+    assert_eq!(resolved.layers.len(), 1);
+    assert_eq!(
+        resolved.layers[0].media_type,
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+    assert_eq!(resolved.layers[0].digest, Digest::sha256_of(&layer));
+    let blob = client.remote_blob(
+        reference.repository().clone(),
+        resolved.layers[0].digest.clone(),
+        resolved.layers[0].size,
+    );
+    let size = layer.len() as u64;
+    let tail = blob
+        .read_range(size - 8..size, FetchPriority::OnDemand)
+        .await
+        .unwrap();
+    assert_eq!(tail.as_ref(), &layer[layer.len() - 8..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_body_is_retried() {
+    // The first answer is cut short after 5 of 10 bytes; the second is whole.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        let mut served = 0;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = read_request(&mut stream).await;
+            let body: &[u8] = if served == 0 { b"01234" } else { b"0123456789" };
+            served += 1;
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 206 X\r\ncontent-range: bytes 0-9/100\r\ncontent-length: 10\r\n\
+                      connection: close\r\n\r\n",
+                )
+                .await;
+            let _ = stream.write_all(body).await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    let (client, metrics) = new_client(options());
+    let (_, digest, _) = blob_fixture();
+    let repo = Repository::new(&host, "test/img").unwrap();
+    let result = client
+        .read_range(&repo, &digest, 100, 0..10, FetchPriority::OnDemand)
+        .await;
+    task.abort();
+    assert_eq!(result.unwrap().as_ref(), b"0123456789");
+    assert_eq!(metrics.on_demand_requests.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_flow_with_identity_token() {
+    // The token server refuses anonymous GETs: only the refresh-token POST can succeed.
+    let setup = token_setup(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec(&serde_json::json!({"auths": {setup.gate.host(): {
+            "auth": base64::engine::general_purpose::STANDARD
+                .encode("00000000-0000-0000-0000-000000000000:"),
+            "identitytoken": "refresh-xyz",
+        }}}))
+        .unwrap(),
+    )
+    .unwrap();
+    let (client, _) = new_client(RegistryOptions {
+        docker_config: Some(config),
+        ..options()
+    });
+    let reference: ImageReference = format!("{}/test/img:v1", setup.gate.host())
+        .parse()
+        .unwrap();
+    let resolved = client
+        .resolve(&reference, &Platform::default())
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest_digest, setup.image.manifest_digest);
+    let requests = setup.token_requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].method, "POST");
+    assert_eq!(
+        requests[0].header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_registry_token_is_sent_as_is() {
+    let (data, digest, _) = blob_fixture();
+    let data = Arc::new(data);
+    let hits = Arc::new(AtomicU64::new(0));
+    let server = {
+        let data = Arc::clone(&data);
+        let hits = Arc::clone(&hits);
+        TestServer::start(handler(move |req: Request| {
+            hits.fetch_add(1, Ordering::SeqCst);
+            let data = Arc::clone(&data);
+            async move {
+                if req.header("authorization") != Some("Bearer static-abc") {
+                    // A realm nobody serves: the client must not go looking for a token.
+                    return Response::new(401).header(
+                        "www-authenticate",
+                        r#"Bearer realm="http://127.0.0.1:1/token",service="x""#,
+                    );
+                }
+                serve_range(&data, &req)
+            }
+        }))
+        .await
+    };
+    let with_token = |token: &str| {
+        let mut credentials = std::collections::HashMap::new();
+        credentials.insert(server.host(), Credentials::with_registry_token(token));
+        new_client(RegistryOptions {
+            credentials,
+            ..options()
+        })
+        .0
+    };
+    let repo = repo_on(&server);
+    let good = with_token("static-abc");
+    let bytes = good
+        .read_range(
+            &repo,
+            &digest,
+            data.len() as u64,
+            5..15,
+            FetchPriority::OnDemand,
+        )
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), &data[5..15]);
+    assert_eq!(hits.swap(0, Ordering::SeqCst), 1);
+
+    let bad = with_token("static-wrong");
+    let err = bad
+        .read_range(
+            &repo,
+            &digest,
+            data.len() as u64,
+            5..15,
+            FetchPriority::OnDemand,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
 }

@@ -182,7 +182,30 @@ def busybox_layers():
     return [base, app], config
 
 
-IMAGES = {"everything": everything_layers, "busybox": busybox_layers}
+def app_layers():
+    """busybox plus a layer of data the entrypoint never reads, as real images carry:
+    a lazy pull must not fetch it."""
+    layers, config = busybox_layers()
+    data = [d("opt"), d("opt/data")]
+    data += [rnd("opt/data/blob%d.bin" % i, 500 + i, 4 * MIB) for i in range(4)]
+    return layers + [data], config
+
+
+def demo_layers():
+    """The demo's image: busybox, a small app, and 256 MiB the entrypoint never reads,
+    the way real images carry toolchains, caches and assets."""
+    layers, config = busybox_layers()
+    assets = [d("opt"), d("opt/assets")]
+    assets += [rnd("opt/assets/pack%02d.bin" % i, 900 + i, 16 * MIB) for i in range(16)]
+    return layers + [assets], config
+
+
+IMAGES = {
+    "everything": everything_layers,
+    "busybox": busybox_layers,
+    "app": app_layers,
+    "demo": demo_layers,
+}
 
 # ---------------------------------------------------------------------------
 

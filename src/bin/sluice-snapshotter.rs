@@ -5,8 +5,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use sluice::cache::{CacheOptions, ChunkCache, StreamOptions};
 use sluice::config::{Config, DEFAULT_CONFIG_PATH};
-use sluice::snapshot::{NoRemoteLayers, OverlaySnapshotter, SnapshotService};
+use sluice::fs::FsOptions;
+use sluice::lazy::{LazyLayers, LazyOptions};
+use sluice::metrics::Metrics;
+use sluice::registry::{Platform, RegistryClient, RegistryOptions};
+use sluice::snapshot::{OverlaySnapshotter, SnapshotService};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -81,8 +86,9 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let root = &config.daemon.root;
+    let lazy = Arc::new(lazy_layers(&config)?);
     let snapshotter = Arc::new(
-        OverlaySnapshotter::open(root, Arc::new(NoRemoteLayers))
+        OverlaySnapshotter::open(root, lazy)
             .await
             .with_context(|| format!("opening snapshotter state in {}", root.display()))?,
     );
@@ -108,4 +114,50 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     served.context("serving gRPC")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The registry client, chunk cache and FUSE settings behind remote snapshots.
+fn lazy_layers(config: &Config) -> anyhow::Result<LazyLayers> {
+    let metrics = Arc::new(Metrics::default());
+    let registry = &config.registry;
+    let client = RegistryClient::new(
+        RegistryOptions {
+            plain_http: registry.plain_http,
+            hosts_dir: Some(registry.hosts_dir.clone()),
+            docker_config: registry.docker_config.clone(),
+            request_timeout: registry.request_timeout(),
+            on_demand_retries: registry.retries,
+            // Background work gives up sooner; it is retried by the next stream pass.
+            background_retries: registry.retries.min(2),
+            ..RegistryOptions::default()
+        },
+        Arc::clone(&metrics),
+    )?;
+    let cache_dir = config.cache_dir();
+    let cache = ChunkCache::open(
+        CacheOptions {
+            dir: cache_dir.clone(),
+            memory_bytes: config.cache.memory_bytes,
+            ..CacheOptions::default()
+        },
+        metrics,
+    )
+    .with_context(|| format!("opening the chunk cache in {}", cache_dir.display()))?;
+    Ok(LazyLayers::new(
+        client,
+        cache,
+        tokio::runtime::Handle::current(),
+        LazyOptions {
+            fs: FsOptions {
+                read_timeout: config.fs.read_timeout(),
+                ..FsOptions::default()
+            },
+            stream: config.fs.background_fetch.then(|| StreamOptions {
+                bytes_per_sec: config.fs.background_bandwidth(),
+                ..StreamOptions::default()
+            }),
+            prefetch_timeout: config.prefetch.timeout(),
+            platform: Platform::host(),
+        },
+    ))
 }

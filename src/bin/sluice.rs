@@ -67,7 +67,7 @@ struct MountArgs {
     #[arg(long)]
     no_background: bool,
     /// Cap for background streaming, in bytes per second (0: no cap).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 64 << 20)]
     background_bytes_per_sec: u64,
     /// A read whose data does not arrive in this many seconds fails with EIO.
     #[arg(long, default_value_t = 30)]

@@ -190,9 +190,9 @@ fn assert_files_readable(blob: &[u8], index: &LayerIndex) {
         };
         let mut content = Vec::new();
         for chunk in chunks {
-            let start = chunk.compressed_offset.0 as usize;
-            let range = &blob[start..start + chunk.compressed_size as usize];
-            decompress_chunk(index.format, range, chunk, &mut content).unwrap();
+            let range = chunk.compressed_range();
+            let compressed = &blob[range.start as usize..range.end as usize];
+            decompress_chunk(index.format, compressed, chunk, &mut content).unwrap();
         }
         assert_eq!(content, expected[entry.name.as_str()], "{}", entry.name);
         seen += 1;

@@ -198,6 +198,16 @@ fn chunk_gaps_and_overruns_are_rejected() {
         2,
         "complete",
     );
+    // A chunk naming another file.
+    let mut stray = chunk(20, 40, 0);
+    stray["name"] = json!("g");
+    assert_bad_entry(parse(vec![first.clone(), stray]), 1, "belongs to");
+    // Chunk names may repeat the file's unnormalized spelling.
+    let mut spelled = first.clone();
+    spelled["name"] = json!("./f");
+    let mut same = chunk(20, 40, 0);
+    same["name"] = json!("./f");
+    assert!(parse(vec![spelled, same]).is_ok());
     // A chunk without a file.
     assert_bad_entry(parse(vec![dir("d"), chunk(20, 0, 0)]), 1, "follow");
     // Well-formed: 40 + 60 with the last chunk running to the end.
@@ -354,7 +364,14 @@ fn entry_count_is_limited() {
         max_entries: 3,
         ..TocLimits::default()
     };
-    let four = toc(vec![dir("a"), dir("b"), dir("c"), dir("d")]);
+    // Four TOC entries (a file and its three extra chunks) for two index entries.
+    let chunk = |n: i64| {
+        json!({"name": "f", "type": "chunk", "offset": 100 * n, "chunkOffset": 10 * n,
+               "chunkSize": 10, "chunkDigest": digest_of("c")})
+    };
+    let mut file = reg("f", 40, 0);
+    file["chunkSize"] = json!(10);
+    let four = toc(vec![file, chunk(1), chunk(2), chunk(3)]);
     assert!(matches!(
         parse_with(&four, &limits),
         Err(FormatError::TooManyEntries { limit: 3 })

@@ -7,6 +7,22 @@
 //! range on demand and decompress it with [`decompress_chunk`].
 //!
 //! Everything here treats its input as hostile: a TOC comes from a registry.
+//!
+//! # Use
+//!
+//! 1. Read the last [`MAX_FOOTER_SIZE`] bytes of the blob and call [`parse_footer`].
+//!    [`FormatError::NotChunked`] means a plain gzip/zstd tar layer: not lazily
+//!    mountable.
+//! 2. Read [`Footer::toc_range`] and call [`parse_toc`] with the layer's
+//!    [`TOC_DIGEST_ANNOTATION`]; it returns the [`LayerIndex`] and the TOC digest.
+//! 3. For each chunk, read `compressed_offset .. compressed_offset + compressed_size`
+//!    and call [`decompress_chunk`], which verifies the chunk's digest.
+//!
+//! # Errors
+//!
+//! A [`FormatError`] names the footer field, TOC entry (position and name) or chunk
+//! at fault, never the layer: none of these functions knows which layer it is
+//! reading. Callers wrap it with the layer's blob digest.
 
 use std::sync::Arc;
 
@@ -29,7 +45,10 @@ pub use toc::{
     ParsedToc, TocLimits, decompress_toc, parse_toc, parse_toc_json, parse_toc_with_limits,
 };
 
-/// The layer media-type annotation carrying the digest of the (compressed) TOC.
+/// The layer annotation carrying the TOC digest: for both eStargz and zstd:chunked,
+/// ctr-remote writes the sha256 of the *uncompressed* TOC JSON (the
+/// `io.containers.zstd-chunked.manifest-checksum` annotation of zstd:chunked layers is
+/// the digest of the compressed TOC instead and is not used here).
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// The layer annotation with the uncompressed size of the layer (eStargz).
 pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
@@ -94,6 +113,17 @@ pub struct Chunk {
     /// `chunkDigest`: sha256 of the uncompressed chunk data. Always present: a chunk
     /// that cannot be verified is never served.
     pub digest: Digest,
+}
+
+impl Chunk {
+    /// The blob bytes to fetch and hand to [`decompress_chunk`].
+    pub fn compressed_range(&self) -> std::ops::Range<u64> {
+        self.compressed_offset.0
+            ..self
+                .compressed_offset
+                .0
+                .saturating_add(self.compressed_size)
+    }
 }
 
 /// What an entry is.

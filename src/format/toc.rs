@@ -15,7 +15,6 @@
 //! records and what stargz-snapshotter verifies.
 
 use std::borrow::Cow;
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
@@ -283,49 +282,25 @@ pub fn parse_toc_json(
             reason: format!("TOC offset is not inside the {blob_size}-byte blob"),
         });
     }
-    let too_many = Cell::new(false);
+    let mut builder = IndexBuilder::new(toc_offset, limits);
+    let mut failure = None;
     let mut deserializer = serde_json::Deserializer::from_slice(json);
-    let raw = TocSeed {
-        max_entries: limits.max_entries,
-        too_many: &too_many,
+    let decoded = TocSeed {
+        builder: &mut builder,
+        failure: &mut failure,
     }
     .deserialize(&mut deserializer)
-    .and_then(|raw| deserializer.end().map(|()| raw))
-    .map_err(|e| {
-        if too_many.get() {
-            FormatError::TooManyEntries {
-                limit: limits.max_entries,
-            }
-        } else {
-            FormatError::TocJson {
-                reason: e.to_string(),
-            }
-        }
+    .and_then(|version| deserializer.end().map(|()| version));
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    let version = decoded.map_err(|e| FormatError::TocJson {
+        reason: e.to_string(),
     })?;
-    if raw.version != 1 {
-        return Err(FormatError::TocVersion {
-            version: raw.version,
-        });
+    if version != 1 {
+        return Err(FormatError::TocVersion { version });
     }
-    let bad_entry = |position: usize, reason: String| FormatError::BadEntry {
-        index: position,
-        name: truncate(&raw.entries[position].name.0),
-        reason,
-    };
-    let mut builder = IndexBuilder::new(raw.entries.len(), toc_offset, limits);
-    for (position, entry) in raw.entries.iter().enumerate() {
-        if entry.kind.0 != "chunk" {
-            builder
-                .close_file()
-                .map_err(|(file, reason)| bad_entry(file, reason))?;
-        }
-        builder
-            .add(entry)
-            .map_err(|reason| bad_entry(position, reason))?;
-    }
-    builder
-        .close_file()
-        .map_err(|(file, reason)| bad_entry(file, reason))?;
+    builder.close_file()?;
     Ok(builder.finish(format, blob_size))
 }
 
@@ -420,28 +395,24 @@ struct RawEntry<'a> {
     chunk_digest: Option<Text<'a>>,
 }
 
-struct RawToc<'a> {
-    version: i64,
-    entries: Vec<RawEntry<'a>>,
+/// Decodes the top-level object and hands each entry to the builder as soon as it
+/// is decoded, so the TOC is never held in memory twice. The value is the version.
+struct TocSeed<'b, 'r, 'l> {
+    builder: &'b mut IndexBuilder<'r, 'l>,
+    /// Set when decoding stopped because of a validation error rather than bad JSON.
+    failure: &'b mut Option<FormatError>,
 }
 
-/// Decodes the top-level object, refusing more than `max_entries` entries before
-/// they are all in memory.
-struct TocSeed<'c> {
-    max_entries: usize,
-    too_many: &'c Cell<bool>,
-}
-
-impl<'de, 'c> DeserializeSeed<'de> for TocSeed<'c> {
-    type Value = RawToc<'de>;
+impl<'de, 'b, 'l> DeserializeSeed<'de> for TocSeed<'b, 'de, 'l> {
+    type Value = i64;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de, 'c> Visitor<'de> for TocSeed<'c> {
-    type Value = RawToc<'de>;
+impl<'de, 'b, 'l> Visitor<'de> for TocSeed<'b, 'de, 'l> {
+    type Value = i64;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a TOC object with \"version\" and \"entries\"")
@@ -449,15 +420,24 @@ impl<'de, 'c> Visitor<'de> for TocSeed<'c> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut version = None;
-        let mut entries = None;
+        let mut seen_entries = false;
         while let Some(key) = map.next_key::<Text>()? {
             match key.0.as_ref() {
-                "version" if version.is_none() => version = Some(map.next_value::<i64>()?),
-                "entries" if entries.is_none() => {
-                    entries = Some(map.next_value_seed(EntriesSeed {
-                        max_entries: self.max_entries,
-                        too_many: self.too_many,
-                    })?)
+                "version" if version.is_none() => {
+                    let found = map.next_value::<i64>()?;
+                    if found != 1 {
+                        // Entries of an unknown version mean something else: stop.
+                        *self.failure = Some(FormatError::TocVersion { version: found });
+                        return Err(de::Error::custom("unsupported version"));
+                    }
+                    version = Some(found);
+                }
+                "entries" if !seen_entries => {
+                    seen_entries = true;
+                    map.next_value_seed(EntriesSeed {
+                        builder: &mut *self.builder,
+                        failure: &mut *self.failure,
+                    })?;
                 }
                 "version" | "entries" => {
                     return Err(de::Error::custom(format!("duplicate field `{}`", key.0)));
@@ -467,52 +447,59 @@ impl<'de, 'c> Visitor<'de> for TocSeed<'c> {
                 }
             }
         }
-        Ok(RawToc {
-            version: version.ok_or_else(|| de::Error::missing_field("version"))?,
-            entries: entries.ok_or_else(|| de::Error::missing_field("entries"))?,
-        })
+        if !seen_entries {
+            return Err(de::Error::missing_field("entries"));
+        }
+        version.ok_or_else(|| de::Error::missing_field("version"))
     }
 }
 
-struct EntriesSeed<'c> {
-    max_entries: usize,
-    too_many: &'c Cell<bool>,
+struct EntriesSeed<'b, 'r, 'l> {
+    builder: &'b mut IndexBuilder<'r, 'l>,
+    failure: &'b mut Option<FormatError>,
 }
 
-impl<'de, 'c> DeserializeSeed<'de> for EntriesSeed<'c> {
-    type Value = Vec<RawEntry<'de>>;
+impl<'de, 'b, 'l> DeserializeSeed<'de> for EntriesSeed<'b, 'de, 'l> {
+    type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de, 'c> Visitor<'de> for EntriesSeed<'c> {
-    type Value = Vec<RawEntry<'de>>;
+impl<'de, 'b, 'l> Visitor<'de> for EntriesSeed<'b, 'de, 'l> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an array of TOC entries")
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut entries = Vec::new();
-        while let Some(entry) = seq.next_element()? {
-            if entries.len() == self.max_entries {
-                self.too_many.set(true);
-                return Err(de::Error::custom("too many entries"));
+        let max_entries = self.builder.limits.max_entries;
+        let mut position = 0;
+        while let Some(entry) = seq.next_element::<RawEntry<'de>>()? {
+            let result = if position == max_entries {
+                Err(FormatError::TooManyEntries { limit: max_entries })
+            } else {
+                self.builder.add_toc_entry(position, entry)
+            };
+            if let Err(failure) = result {
+                *self.failure = Some(failure);
+                return Err(de::Error::custom("invalid TOC entry"));
             }
-            entries.push(entry);
+            position += 1;
         }
-        Ok(entries)
+        Ok(())
     }
 }
 
 /// A regular file whose chunks are still being read from the TOC.
-struct OpenFile {
+struct OpenFile<'r> {
     /// `None` for landmarks and other files left out of the index.
     id: Option<EntryId>,
-    /// Position in the TOC of the file's `reg` entry, for error messages.
+    /// Position and name in the TOC of the file's `reg` entry, for error messages.
     toc_position: usize,
+    toc_name: Cow<'r, str>,
     name_end: FileOffset,
     next_chunk: FileOffset,
 }
@@ -528,11 +515,10 @@ struct IndexBuilder<'r, 'l> {
     boundaries: Vec<u64>,
     /// The last chunk seen in blob order: (offset, end of its data in the member).
     last_chunk: Option<(u64, u64)>,
-    open_file: Option<OpenFile>,
+    open_file: Option<OpenFile<'r>>,
     /// Number of index entries that precede `.prefetch.landmark`.
     prefetch_cutoff: Option<usize>,
     no_prefetch: bool,
-    toc_position: usize,
 }
 
 /// What an entry is called in error messages about its kind.
@@ -570,20 +556,18 @@ fn id32(value: i64, field: &str) -> Result<u32, String> {
 }
 
 impl<'r, 'l> IndexBuilder<'r, 'l> {
-    fn new(toc_entries: usize, toc_offset: CompressedOffset, limits: &'l TocLimits) -> Self {
-        let capacity = toc_entries.saturating_add(1);
+    fn new(toc_offset: CompressedOffset, limits: &'l TocLimits) -> Self {
         let mut builder = Self {
             limits,
             toc_offset,
-            entries: Vec::with_capacity(capacity),
-            from_toc: Vec::with_capacity(capacity),
-            by_name: HashMap::with_capacity(capacity),
+            entries: Vec::new(),
+            from_toc: Vec::new(),
+            by_name: HashMap::new(),
             boundaries: Vec::new(),
             last_chunk: None,
             open_file: None,
             prefetch_cutoff: None,
             no_prefetch: false,
-            toc_position: 0,
         };
         builder.entries.push(synthesized_dir(String::new()));
         builder.from_toc.push(false);
@@ -593,7 +577,7 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
 
     /// Checks and normalizes a path: relative, no `..`, no NUL; `.` and empty
     /// components (`./a`, `a//b`, `dir/`) are dropped as tar readers do.
-    fn normalize(&self, raw: &'r str, what: &str) -> Result<Cow<'r, str>, String> {
+    fn normalize(&self, raw: Cow<'r, str>, what: &str) -> Result<Cow<'r, str>, String> {
         if raw.len() > self.limits.max_path_bytes {
             return Err(format!(
                 "{what} is {} bytes long, more than the limit of {}",
@@ -619,12 +603,14 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
             }
         }
         if clean {
-            return Ok(Cow::Borrowed(raw));
+            return Ok(raw);
         }
         // The common unclean spellings are `dir/` and `./name`: borrow a subslice.
-        let trimmed = raw.trim_start_matches("./").trim_end_matches('/');
-        if trimmed.split('/').all(|c| !c.is_empty() && c != ".") {
-            return Ok(Cow::Borrowed(trimmed));
+        if let Cow::Borrowed(text) = raw {
+            let trimmed = text.trim_start_matches("./").trim_end_matches('/');
+            if trimmed.split('/').all(|c| !c.is_empty() && c != ".") {
+                return Ok(Cow::Borrowed(trimmed));
+            }
         }
         let parts: Vec<&str> = raw
             .split('/')
@@ -681,15 +667,27 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
         Ok(id)
     }
 
-    fn add(&mut self, raw: &'r RawEntry<'_>) -> Result<(), String> {
-        self.toc_position += 1;
-        let kind = raw.kind.0.as_ref();
-        if kind == "chunk" {
-            return self.add_chunk(raw);
+    /// Validates the TOC entry at `position` into the index.
+    fn add_toc_entry(&mut self, position: usize, raw: RawEntry<'r>) -> Result<(), FormatError> {
+        if raw.kind.0 != "chunk" {
+            self.close_file()?;
         }
-        // Borrow the name for the index's lifetime: the raw entries outlive the builder.
-        let raw_name: &'r str = raw.name.0.as_ref();
-        let name = self.normalize(raw_name, "name")?;
+        let toc_name = raw.name.0.clone();
+        self.add(position, raw)
+            .map_err(|reason| FormatError::BadEntry {
+                index: position,
+                name: truncate(&toc_name),
+                reason,
+            })
+    }
+
+    fn add(&mut self, position: usize, mut raw: RawEntry<'r>) -> Result<(), String> {
+        if raw.kind.0 == "chunk" {
+            return self.add_chunk(&raw);
+        }
+        let toc_name = std::mem::take(&mut raw.name.0);
+        let kind = raw.kind.0.as_ref();
+        let name = self.normalize(toc_name.clone(), "name")?;
         if name.is_empty() && kind != "dir" {
             return Err(format!("a {kind} entry names the root directory"));
         }
@@ -707,7 +705,8 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
             mtime_nanos: 0,
             xattrs: Vec::new(),
         };
-        if let Some(text) = &raw.mod_time {
+        // Go writes no modtime for the epoch; an empty one means the same to Go readers.
+        if let Some(text) = raw.mod_time.as_ref().filter(|t| !t.0.is_empty()) {
             (entry.mtime_secs, entry.mtime_nanos) = rfc3339::parse(&text.0)
                 .ok_or_else(|| format!("modtime {:?} is not RFC 3339", truncate(&text.0)))?;
         }
@@ -738,11 +737,7 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
                 }
             }
             "hardlink" => {
-                let raw_target: &'r str = raw
-                    .link_name
-                    .as_ref()
-                    .map(|t| t.0.as_ref())
-                    .unwrap_or_default();
+                let raw_target = raw.link_name.take().map(|t| t.0).unwrap_or_default();
                 let target_name = self.normalize(raw_target, "hardlink target")?;
                 let target = self.hardlink_target(&target_name)?;
                 EntryKind::Hardlink { target }
@@ -767,7 +762,7 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
                 NO_PREFETCH_LANDMARK => self.no_prefetch = true,
                 _ => {}
             }
-            return self.open_regular(raw, None);
+            return self.open_regular(&raw, None, position, toc_name);
         }
 
         let id = if let Some(&existing) = self.by_name.get(name.as_ref()) {
@@ -798,7 +793,7 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
             id
         };
         if kind == "reg" {
-            self.open_regular(raw, Some(id))?;
+            self.open_regular(&raw, Some(id), position, toc_name)?;
         }
         Ok(())
     }
@@ -850,11 +845,18 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
         }
     }
 
-    fn open_regular(&mut self, raw: &RawEntry<'_>, id: Option<EntryId>) -> Result<(), String> {
+    fn open_regular(
+        &mut self,
+        raw: &RawEntry<'_>,
+        id: Option<EntryId>,
+        toc_position: usize,
+        toc_name: Cow<'r, str>,
+    ) -> Result<(), String> {
         let size = non_negative(raw.size, "size")?;
         self.open_file = Some(OpenFile {
             id,
-            toc_position: self.toc_position - 1,
+            toc_position,
+            toc_name,
             name_end: FileOffset(size),
             next_chunk: FileOffset(0),
         });
@@ -871,13 +873,11 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
         if open.next_chunk == open.name_end {
             return Err("chunk entry after the file's data is complete".into());
         }
+        // Readers go by position; a name, when given, must still be the file's.
         if let Some(id) = open.id {
             let file_name = &self.entries[id.0 as usize].name;
             let name = raw.name.0.as_ref();
-            if !name.is_empty()
-                && name != file_name
-                && name.trim_start_matches("./").trim_end_matches('/') != file_name
-            {
+            if !name.is_empty() && name != open.toc_name && name != file_name {
                 return Err(format!(
                     "chunk entry belongs to {file_name:?}, not this name"
                 ));
@@ -972,19 +972,20 @@ impl<'r, 'l> IndexBuilder<'r, 'l> {
         Ok(())
     }
 
-    /// Ends the regular file whose chunks were being read; on a gap, returns the
-    /// file's position in the TOC and why.
-    fn close_file(&mut self) -> Result<(), (usize, String)> {
+    /// Ends the regular file whose chunks were being read; a gap is blamed on the
+    /// file's own TOC entry.
+    fn close_file(&mut self) -> Result<(), FormatError> {
         if let Some(open) = self.open_file.take()
             && open.next_chunk != open.name_end
         {
-            return Err((
-                open.toc_position,
-                format!(
+            return Err(FormatError::BadEntry {
+                index: open.toc_position,
+                name: truncate(&open.toc_name),
+                reason: format!(
                     "chunks cover only {} of the file's {} bytes",
                     open.next_chunk.0, open.name_end.0
                 ),
-            ));
+            });
         }
         Ok(())
     }

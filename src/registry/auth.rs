@@ -10,7 +10,7 @@ use base64::Engine as _;
 
 /// A password or token. `Debug` and `Display` are redacted so a secret cannot leak into
 /// logs or error messages by accident.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
 
 impl Secret {
@@ -30,11 +30,16 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A user name and password for one registry.
-#[derive(Clone, PartialEq, Eq)]
+/// How to authenticate to one registry: a user name and password, and/or a token.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Credentials {
     pub username: String,
     pub password: Secret,
+    /// OAuth2 refresh token (`identitytoken` in config.json) from registries whose login
+    /// issues one; exchanged for access tokens instead of the password.
+    pub identity_token: Option<Secret>,
+    /// A bearer token sent as is (`registrytoken` in config.json), no token server.
+    pub registry_token: Option<Secret>,
 }
 
 impl fmt::Debug for Credentials {
@@ -42,11 +47,28 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("username", &self.username)
             .field("password", &self.password)
+            .field("identity_token", &self.identity_token)
+            .field("registry_token", &self.registry_token)
             .finish()
     }
 }
 
 impl Credentials {
+    pub fn basic(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            username: username.into(),
+            password: Secret::new(password),
+            ..Self::default()
+        }
+    }
+
+    pub fn with_registry_token(token: impl Into<String>) -> Self {
+        Self {
+            registry_token: Some(Secret::new(token)),
+            ..Self::default()
+        }
+    }
+
     /// The value of an `Authorization: Basic` header.
     pub fn basic_header(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password.expose());
@@ -180,16 +202,21 @@ struct CachedToken {
     usable_until: Instant,
 }
 
-/// Bearer tokens per (registry host, repository scope), valid until shortly before they
-/// expire so a request never carries a token that dies in flight.
+/// Bearer tokens per registry host and repository scope, valid until shortly before they
+/// expire so a request never carries a token that dies in flight. Nested maps so a lookup
+/// on the read path borrows its keys instead of allocating them.
 #[derive(Default)]
 pub struct TokenCache {
-    tokens: RwLock<HashMap<(String, String), CachedToken>>,
+    tokens: RwLock<HashMap<String, HashMap<String, CachedToken>>>,
 }
 
 impl fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let count = self.tokens.read().map(|t| t.len()).unwrap_or(0);
+        let count: usize = self
+            .tokens
+            .read()
+            .map(|t| t.values().map(HashMap::len).sum())
+            .unwrap_or(0);
         f.debug_struct("TokenCache")
             .field("tokens", &count)
             .finish()
@@ -199,9 +226,9 @@ impl fmt::Debug for TokenCache {
 impl TokenCache {
     pub fn get(&self, host: &str, scope: &str) -> Option<Secret> {
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        let key = (host.to_owned(), scope.to_owned());
         tokens
-            .get(&key)
+            .get(host)?
+            .get(scope)
             .filter(|t| t.usable_until > Instant::now())
             .map(|t| t.token.clone())
     }
@@ -209,11 +236,12 @@ impl TokenCache {
     pub fn insert(&self, host: &str, scope: &str, token: Secret, lifetime: Duration) {
         // Keep a margin of a tenth of the lifetime, at most 30 s.
         let margin = (lifetime / 10).min(Duration::from_secs(30));
-        let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        tokens.retain(|_, t| t.usable_until > now);
-        tokens.insert(
-            (host.to_owned(), scope.to_owned()),
+        let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
+        let for_host = tokens.entry(host.to_owned()).or_default();
+        for_host.retain(|_, t| t.usable_until > now);
+        for_host.insert(
+            scope.to_owned(),
             CachedToken {
                 token,
                 usable_until: now + lifetime - margin,
@@ -223,7 +251,9 @@ impl TokenCache {
 
     pub fn remove(&self, host: &str, scope: &str) {
         let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
-        tokens.remove(&(host.to_owned(), scope.to_owned()));
+        if let Some(for_host) = tokens.get_mut(host) {
+            for_host.remove(scope);
+        }
     }
 }
 
@@ -291,14 +321,34 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_challenges_never_panic() {
+        let alphabet: Vec<char> = "Bearer realm=\"\\,é✓ x".chars().collect();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 48) as usize;
+            let text: String = (0..len)
+                .map(|i| alphabet[((state >> (i % 50)) as usize + i * 11) % alphabet.len()])
+                .collect();
+            let _ = parse_www_authenticate(&text);
+            let _ = parse_www_authenticate(&format!("Bearer {text}"));
+        }
+    }
+
+    #[test]
     fn secrets_are_redacted() {
         let c = Credentials {
             username: "user".into(),
             password: Secret::new("hunter2"),
+            identity_token: Some(Secret::new("refresh-me")),
+            registry_token: Some(Secret::new("static-me")),
         };
         let shown = format!("{c:?}");
         assert!(shown.contains("user"));
-        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("hunter2") && !shown.contains("refresh-me"));
+        assert!(!shown.contains("static-me"));
         assert_eq!(c.basic_header(), "Basic dXNlcjpodW50ZXIy");
     }
 

@@ -22,7 +22,7 @@ use crate::digest::{Digest, DigestWriter};
 use crate::metrics::Metrics;
 
 use super::auth::{
-    Challenge, Credentials, TokenCache, TokenResponse, parse_www_authenticate, pull_scope,
+    Challenge, Credentials, Secret, TokenCache, TokenResponse, parse_www_authenticate, pull_scope,
 };
 use super::docker_config::{self, DockerConfig};
 use super::error::RegistryError;
@@ -52,6 +52,12 @@ pub struct RegistryOptions {
     /// Docker config with credentials; `None` means `$DOCKER_CONFIG/config.json` or
     /// `~/.docker/config.json` if it exists. An explicit path must exist.
     pub docker_config: Option<PathBuf>,
+    /// Credentials by registry (`host[:port]`, `docker.io`), used before the docker
+    /// config.
+    pub credentials: HashMap<String, Credentials>,
+    /// Where to find `docker-credential-<name>` programs named by `credHelpers` /
+    /// `credsStore`; `None` searches `PATH` (daemons often run with a short one).
+    pub credential_helper_dir: Option<PathBuf>,
     /// Limit for connecting, for the response headers, and for each pause while the body
     /// streams in. A registry that stops answering fails within this time per attempt.
     pub request_timeout: Duration,
@@ -69,6 +75,8 @@ impl Default for RegistryOptions {
             plain_http: false,
             hosts_dir: None,
             docker_config: None,
+            credentials: HashMap::new(),
+            credential_helper_dir: None,
             request_timeout: Duration::from_secs(30),
             on_demand_retries: 5,
             background_retries: 2,
@@ -105,7 +113,52 @@ struct Endpoint {
     http: reqwest::Client,
     /// Registry name credentials are looked up by.
     credentials_key: String,
+    /// From the options, else from `auths` in the docker config.
     credentials: Option<Credentials>,
+    /// Otherwise the credential helper to ask, once, when the host asks for credentials.
+    helper: Option<String>,
+    helper_credentials: tokio::sync::OnceCell<Option<Credentials>>,
+    /// `?ns=<registry>` on mirrors, as containerd sends it, so a mirror serving several
+    /// upstreams knows which one is meant; empty for the registry itself.
+    query: String,
+    /// Storage URL this host redirected each blob to.
+    redirects: RwLock<HashMap<Digest, CachedRedirect>>,
+    /// A mirror that failed transiently is skipped until then (ms since the client's
+    /// epoch), so a dead mirror does not cost every read a failed request.
+    unhealthy_until_ms: AtomicU64,
+}
+
+const MIRROR_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Beyond this many cached redirects, stale ones are dropped on insert.
+const REDIRECT_CACHE_PRUNE_AT: usize = 1024;
+
+impl Endpoint {
+    fn remember_redirect(&self, digest: &Digest, repository: &str, url: String) {
+        let mut redirects = self.redirects.write().unwrap_or_else(|e| e.into_inner());
+        if redirects.len() >= REDIRECT_CACHE_PRUNE_AT {
+            redirects.retain(|_, c| c.at.elapsed() < REDIRECT_CACHE_TTL);
+        }
+        redirects.insert(
+            digest.clone(),
+            CachedRedirect {
+                repository: repository.to_owned(),
+                url: url.into(),
+                at: Instant::now(),
+            },
+        );
+    }
+
+    fn forget_redirect(&self, digest: &Digest) {
+        self.redirects
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(digest);
+    }
+}
+
+fn is_retryable_status(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
 }
 
 /// Which capability an operation needs from a host.
@@ -115,17 +168,49 @@ enum Need {
     Pull,
 }
 
+/// What authorization a request carried.
+#[derive(Clone, PartialEq, Eq, Debug)]
+enum Sent {
+    Nothing,
+    CachedToken(Secret),
+    /// The configured static bearer token: if it is refused, nothing else will do.
+    RegistryToken,
+    Basic,
+    /// Produced by answering a challenge just now.
+    Fresh,
+}
+
 struct CachedRedirect {
-    url: String,
+    /// The redirect was granted for this repository; reads through another one ask again.
+    repository: String,
+    url: Arc<str>,
     at: Instant,
 }
 
-/// Names what a request is about, for errors.
+/// Names what a request is about, for errors. Formatted only when an error is built, so
+/// the read path does not pay for it.
 #[derive(Clone, Copy)]
 struct Ctx<'a> {
     host: &'a str,
     repository: &'a str,
-    object: &'a str,
+    object: Object<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum Object<'a> {
+    Manifest(&'a str),
+    Config(&'a Digest),
+    Blob(&'a Digest),
+}
+
+impl fmt::Display for Object<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Manifest(reference) => write!(f, "manifest {reference}"),
+            Self::Config(digest) => write!(f, "config {digest}"),
+            Self::Blob(digest) => write!(f, "blob {digest}"),
+        }
+    }
 }
 
 impl Ctx<'_> {
@@ -139,11 +224,23 @@ impl Ctx<'_> {
             reason.push_str(&inner.to_string());
             source = inner.source();
         }
-        RegistryError::Transport {
-            host: self.host.to_owned(),
-            repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
-            reason,
+        let host = self.host.to_owned();
+        let repository = self.repository.to_owned();
+        let object = self.object.to_string();
+        if is_tls_failure(&error) {
+            RegistryError::Tls {
+                host,
+                repository,
+                object,
+                reason,
+            }
+        } else {
+            RegistryError::Transport {
+                host,
+                repository,
+                object,
+                reason,
+            }
         }
     }
 
@@ -151,7 +248,7 @@ impl Ctx<'_> {
         RegistryError::Timeout {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             timeout,
         }
     }
@@ -160,7 +257,7 @@ impl Ctx<'_> {
         RegistryError::TooLarge {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             limit,
         }
     }
@@ -169,7 +266,7 @@ impl Ctx<'_> {
         RegistryError::InvalidManifest {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             reason,
         }
     }
@@ -178,7 +275,7 @@ impl Ctx<'_> {
         RegistryError::DigestMismatch {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             actual,
         }
     }
@@ -187,7 +284,7 @@ impl Ctx<'_> {
         RegistryError::Redirect {
             host: self.host.to_owned(),
             repository: self.repository.to_owned(),
-            object: self.object.to_owned(),
+            object: self.object.to_string(),
             reason: reason.into(),
         }
     }
@@ -204,6 +301,9 @@ impl Ctx<'_> {
     }
 }
 
+/// One async lock per (host, scope), held while fetching a token.
+type TokenFetchLocks = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
 /// A client for all registries, shared by every image and layer (`Arc`).
 pub struct RegistryClient {
     options: RegistryOptions,
@@ -214,11 +314,13 @@ pub struct RegistryClient {
     endpoints: RwLock<HashMap<String, Arc<[Endpoint]>>>,
     http_clients: Mutex<HashMap<(bool, Vec<PathBuf>), reqwest::Client>>,
     tokens: TokenCache,
+    /// Serialises token fetches per (host, scope).
+    token_fetches: Mutex<TokenFetchLocks>,
     /// Hosts that asked for basic auth: credentials are then sent up front.
     basic_hosts: RwLock<HashSet<String>>,
-    /// Storage URL a registry redirected a blob to, per (api base, repository, digest).
-    redirects: RwLock<HashMap<String, CachedRedirect>>,
     warned_full_body: AtomicBool,
+    /// Origin of the millisecond clock in `Endpoint::unhealthy_until_ms`.
+    epoch: Instant,
 }
 
 impl fmt::Debug for RegistryClient {
@@ -259,8 +361,9 @@ impl RegistryClient {
             endpoints: RwLock::default(),
             http_clients: Mutex::default(),
             tokens: TokenCache::default(),
+            token_fetches: Mutex::default(),
+            epoch: Instant::now(),
             basic_hosts: RwLock::default(),
-            redirects: RwLock::default(),
             warned_full_body: AtomicBool::new(false),
         }))
     }
@@ -290,11 +393,10 @@ impl RegistryClient {
                 self.fetch_manifest_once(ep, repo, top_ref, reference.digest())
             })
             .await?;
-        let top_object = format!("manifest {top_ref}");
         let ctx = Ctx {
             host: &host,
             repository: repo.name(),
-            object: &top_object,
+            object: Object::Manifest(top_ref),
         };
         let doc = ManifestDocument::parse(&bytes, content_type.as_deref())
             .map_err(|reason| ctx.invalid_manifest(reason))?;
@@ -315,7 +417,7 @@ impl RegistryClient {
                         .ok_or_else(|| RegistryError::PlatformNotFound {
                             host: host.clone(),
                             repository: repo.name().to_owned(),
-                            object: top_object.clone(),
+                            object: ctx.object.to_string(),
                             platform: platform.to_string(),
                             available: index.platforms(),
                         })?;
@@ -325,11 +427,10 @@ impl RegistryClient {
                         self.fetch_manifest_once(ep, repo, child.as_str(), Some(&child))
                     })
                     .await?;
-                let child_object = format!("manifest {child}");
                 let child_ctx = Ctx {
                     host: &child_host,
                     repository: repo.name(),
-                    object: &child_object,
+                    object: Object::Manifest(child.as_str()),
                 };
                 match ManifestDocument::parse(&child_bytes, child_type.as_deref())
                     .map_err(|reason| child_ctx.invalid_manifest(reason))?
@@ -348,23 +449,27 @@ impl RegistryClient {
         };
         let config_digest = manifest.config.digest.clone();
         if manifest.config.size > MAX_CONFIG_BYTES {
-            let object = format!("config {config_digest}");
             return Err(Ctx {
                 host: &host,
                 repository: repo.name(),
-                object: &object,
+                object: Object::Config(&config_digest),
             }
             .too_large(MAX_CONFIG_BYTES));
         }
         let config_bytes = self
-            .fetch_blob_with(repo, &config_digest, FetchPriority::Prefetch, retries)
+            .fetch_blob_with(
+                repo,
+                &config_digest,
+                FetchPriority::Prefetch,
+                retries,
+                Some(MAX_CONFIG_BYTES),
+            )
             .await?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
-            let object = format!("config {config_digest}");
             Ctx {
                 host: &host,
                 repository: repo.name(),
-                object: &object,
+                object: Object::Config(&config_digest),
             }
             .invalid_manifest(format!("the image config is not valid: {e}"))
         })?;
@@ -387,7 +492,8 @@ impl RegistryClient {
         })
     }
 
-    /// Fetches a whole blob and verifies it against `digest`. Counted as prefetch traffic,
+    /// Fetches a whole blob into memory and verifies it against `digest`: meant for
+    /// configs, TOCs and small blobs; read layers by range. Counted as prefetch traffic,
     /// with the on-demand retry budget (someone is waiting for it).
     pub async fn fetch_blob(
         &self,
@@ -399,6 +505,7 @@ impl RegistryClient {
             digest,
             FetchPriority::Prefetch,
             self.options.on_demand_retries,
+            None,
         )
         .await
     }
@@ -475,10 +582,11 @@ impl RegistryClient {
         digest: &Digest,
         priority: FetchPriority,
         retries: u32,
+        limit: Option<u64>,
     ) -> Result<Bytes, RegistryError> {
         let endpoints = self.endpoints(repo.registry())?;
         self.across_endpoints(&endpoints, Need::Pull, retries, |ep| {
-            self.fetch_blob_once(ep, repo, digest, priority)
+            self.fetch_blob_once(ep, repo, digest, priority, limit)
         })
         .await
     }
@@ -502,21 +610,42 @@ impl RegistryClient {
         let mut built = Vec::with_capacity(configs.len());
         for cfg in configs {
             let http = self.http_client(&cfg)?;
+            let cfg_is_mirror = cfg.is_mirror;
             let credentials_key = if cfg.is_mirror {
                 cfg.host.clone()
             } else {
                 registry.to_owned()
             };
             let credentials = self
-                .docker_config
-                .as_ref()
-                .and_then(|c| c.credentials_for(&credentials_key))
+                .configured_credentials(&credentials_key)
+                .or_else(|| {
+                    self.docker_config
+                        .as_ref()
+                        .and_then(|c| c.credentials_for(&credentials_key))
+                })
                 .cloned();
+            let helper = match credentials {
+                Some(_) => None,
+                None => self
+                    .docker_config
+                    .as_ref()
+                    .and_then(|c| c.helper_for(&credentials_key))
+                    .map(str::to_owned),
+            };
             built.push(Endpoint {
                 cfg,
                 http,
                 credentials_key,
                 credentials,
+                query: if cfg_is_mirror {
+                    format!("?ns={registry}")
+                } else {
+                    String::new()
+                },
+                helper,
+                helper_credentials: tokio::sync::OnceCell::new(),
+                redirects: RwLock::default(),
+                unhealthy_until_ms: AtomicU64::new(0),
             });
         }
         let built: Arc<[Endpoint]> = built.into();
@@ -576,14 +705,11 @@ impl RegistryClient {
         F: Fn(&'a Endpoint) -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
     {
-        let usable: Vec<&'a Endpoint> = endpoints
-            .iter()
-            .filter(|ep| match need {
-                Need::Resolve => ep.cfg.capabilities.resolve,
-                Need::Pull => ep.cfg.capabilities.pull,
-            })
-            .collect();
-        let Some((last, mirrors)) = usable.split_last() else {
+        let capable = |ep: &Endpoint| match need {
+            Need::Resolve => ep.cfg.capabilities.resolve,
+            Need::Pull => ep.cfg.capabilities.pull,
+        };
+        let Some(last) = endpoints.iter().rposition(capable) else {
             let host = endpoints
                 .last()
                 .map(|ep| ep.cfg.host.as_str())
@@ -591,19 +717,35 @@ impl RegistryClient {
             return Err(RegistryError::HttpClient {
                 host: host.to_owned(),
                 reason: format!(
-                    "no host in its hosts.toml has the {:?} capability; add it to a host",
-                    need
+                    "no host in its hosts.toml has the {need:?} capability; add it to a host"
                 ),
             });
         };
-        for ep in mirrors {
+        for ep in endpoints[..last].iter().filter(|ep| capable(ep)) {
+            let now_ms = self.epoch.elapsed().as_millis() as u64;
+            if ep.unhealthy_until_ms.load(Ordering::Relaxed) > now_ms {
+                continue;
+            }
             match op(ep).await {
                 Ok(value) => return Ok(value),
-                Err(e) => {
-                    tracing::warn!(mirror = %ep.cfg.host, error = %e, "mirror failed, trying the next host")
+                Err(e) if e.is_transient() => {
+                    let until = now_ms + MIRROR_COOLDOWN.as_millis() as u64;
+                    ep.unhealthy_until_ms.store(until, Ordering::Relaxed);
+                    tracing::warn!(
+                        mirror = %ep.cfg.host,
+                        error = %e,
+                        cooldown = ?MIRROR_COOLDOWN,
+                        "mirror failed; skipping it for a while"
+                    );
                 }
+                Err(e) => tracing::debug!(
+                    mirror = %ep.cfg.host,
+                    error = %e,
+                    "mirror cannot serve this; trying the next host"
+                ),
             }
         }
+        let last = &endpoints[last];
         self.with_retries(retries, || op(last)).await
     }
 
@@ -639,17 +781,17 @@ impl RegistryClient {
         reference: &str,
         pinned: Option<&Digest>,
     ) -> Result<(Bytes, Option<String>, Digest, String), RegistryError> {
-        let object = format!("manifest {reference}");
         let ctx = Ctx {
             host: &ep.cfg.host,
             repository: repo.name(),
-            object: &object,
+            object: Object::Manifest(reference),
         };
         let url = format!(
-            "{}/{}/manifests/{}",
+            "{}/{}/manifests/{}{}",
             ep.cfg.api_base,
             repo.name(),
-            reference
+            reference,
+            ep.query
         );
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
@@ -685,12 +827,12 @@ impl RegistryClient {
         repo: &Repository,
         digest: &Digest,
         priority: FetchPriority,
+        limit: Option<u64>,
     ) -> Result<Bytes, RegistryError> {
-        let object = format!("blob {digest}");
         let ctx = Ctx {
             host: &ep.cfg.host,
             repository: repo.name(),
-            object: &object,
+            object: Object::Blob(digest),
         };
         let resp = self
             .blob_response(ep, &ctx, repo, digest, None, priority)
@@ -699,12 +841,12 @@ impl RegistryClient {
             return Err(RegistryError::Status {
                 host: ep.cfg.host.clone(),
                 repository: repo.name().to_owned(),
-                object,
+                object: ctx.object.to_string(),
                 status: resp.status().as_u16(),
                 retry_after: None,
             });
         }
-        let bytes = self.read_body(resp, &ctx, None, priority).await?;
+        let bytes = self.read_body(resp, &ctx, limit, priority).await?;
         let mut hasher = DigestWriter::new();
         hasher.update(&bytes);
         let actual = hasher.finish();
@@ -723,11 +865,10 @@ impl RegistryClient {
         range: Range<u64>,
         priority: FetchPriority,
     ) -> Result<Bytes, RegistryError> {
-        let object = format!("blob {digest}");
         let ctx = Ctx {
             host: &ep.cfg.host,
             repository: repo.name(),
-            object: &object,
+            object: Object::Blob(digest),
         };
         let resp = self
             .blob_response(ep, &ctx, repo, digest, Some(&range), priority)
@@ -756,6 +897,15 @@ impl RegistryClient {
                             range.start,
                             range.end - 1
                         ),
+                    ));
+                }
+                if let Some(length) = resp.content_length()
+                    && length != wanted
+                {
+                    return Err(ctx.bad_range(
+                        digest,
+                        &range,
+                        format!("206 with a body of {length} bytes for {wanted} requested"),
                     ));
                 }
                 let bytes = self.read_body(resp, &ctx, Some(wanted), priority).await?;
@@ -804,16 +954,15 @@ impl RegistryClient {
         priority: FetchPriority,
     ) -> Result<Response, RegistryError> {
         let range_header = range.map(|r| format!("bytes={}-{}", r.start, r.end - 1));
-        let cache_key = format!("{} {} {}", ep.cfg.api_base, repo.name(), digest);
-        let cached = self
+        let cached = ep
             .redirects
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&cache_key)
-            .filter(|c| c.at.elapsed() < REDIRECT_CACHE_TTL)
-            .map(|c| c.url.clone());
+            .get(digest)
+            .filter(|c| c.repository == repo.name() && c.at.elapsed() < REDIRECT_CACHE_TTL)
+            .map(|c| Arc::clone(&c.url));
         if let Some(url) = cached {
-            let mut req = ep.http.get(&url);
+            let mut req = ep.http.get(&*url);
             if let Some(r) = &range_header {
                 req = req.header(RANGE, r);
             }
@@ -822,17 +971,23 @@ impl RegistryClient {
                 Ok(resp) if matches!(resp.status().as_u16(), 400 | 401 | 403 | 404 | 410) => {
                     // Typically an expired pre-signed URL: ask the registry again.
                     tracing::debug!(host = %ep.cfg.host, status = %resp.status(), "cached blob redirect rejected, re-resolving");
-                    self.forget_redirect(&cache_key);
+                    ep.forget_redirect(digest);
                 }
                 Ok(resp) => return Err(self.status_error(ep, ctx, &resp)),
                 Err(e) => {
-                    self.forget_redirect(&cache_key);
+                    ep.forget_redirect(digest);
                     return Err(e);
                 }
             }
         }
 
-        let url = format!("{}/{}/blobs/{}", ep.cfg.api_base, repo.name(), digest);
+        let url = format!(
+            "{}/{}/blobs/{}{}",
+            ep.cfg.api_base,
+            repo.name(),
+            digest,
+            ep.query
+        );
         let mut headers = HeaderMap::new();
         if let Some(r) = &range_header {
             headers.insert(
@@ -865,29 +1020,22 @@ impl RegistryClient {
             }
             resp = self.execute(req, ctx, priority).await?;
         }
-        if !resp.status().is_success() {
+        let status = resp.status();
+        if hops > 0 && !status.is_success() && !is_retryable_status(status) {
+            // Not the registry's refusal: its credentials hint would mislead.
+            let storage = Url::parse(&current)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_default();
+            return Err(ctx.redirect(format!("the storage host {storage} answered {status}")));
+        }
+        if !status.is_success() {
             return Err(self.status_error(ep, ctx, &resp));
         }
         if hops > 0 {
-            self.redirects
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(
-                    cache_key,
-                    CachedRedirect {
-                        url: current,
-                        at: Instant::now(),
-                    },
-                );
+            ep.remember_redirect(digest, repo.name(), current);
         }
         Ok(resp)
-    }
-
-    fn forget_redirect(&self, key: &str) {
-        self.redirects
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
     }
 
     /// A GET to the registry with the host's extra headers and cached authorization; on
@@ -902,24 +1050,46 @@ impl RegistryClient {
         priority: FetchPriority,
     ) -> Result<Response, RegistryError> {
         let scope = pull_scope(repo.name());
+        // After a challenge, the retry uses what authentication produced, not the cache,
+        // so a token that is short-lived or evicted meanwhile still gets its one use.
+        let mut fresh_authorization: Option<String> = None;
         let mut reauthenticated = false;
         loop {
             let mut req = ep.http.get(url).headers(headers.clone());
             for (name, value) in &ep.cfg.headers {
                 req = req.header(name.as_str(), value.as_str());
             }
-            let sent_token = self.tokens.get(&ep.cfg.host, &scope);
-            if let Some(token) = &sent_token {
-                req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
-            } else if let Some(creds) = &ep.credentials
-                && self
-                    .basic_hosts
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains(&ep.cfg.host)
-            {
-                req = req.header(AUTHORIZATION, creds.basic_header());
-            }
+            let registry_token = ep
+                .credentials
+                .as_ref()
+                .and_then(|c| c.registry_token.as_ref());
+            let sent = match fresh_authorization.take() {
+                Some(authorization) => {
+                    req = req.header(AUTHORIZATION, authorization);
+                    Sent::Fresh
+                }
+                None => match self.tokens.get(&ep.cfg.host, &scope) {
+                    Some(token) => {
+                        req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
+                        Sent::CachedToken(token)
+                    }
+                    None if registry_token.is_some() => {
+                        let token = registry_token.map(Secret::expose).unwrap_or_default();
+                        req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+                        Sent::RegistryToken
+                    }
+                    None if self.host_wants_basic(&ep.cfg.host) => {
+                        match self.credentials(ep).await? {
+                            Some(creds) => {
+                                req = req.header(AUTHORIZATION, creds.basic_header());
+                                Sent::Basic
+                            }
+                            None => Sent::Nothing,
+                        }
+                    }
+                    None => Sent::Nothing,
+                },
+            };
             let resp = self.execute(req, ctx, priority).await?;
             let status = resp.status();
             if reauthenticated
@@ -928,25 +1098,162 @@ impl RegistryClient {
                 return Ok(resp);
             }
             reauthenticated = true;
-            if !self
-                .authenticate(ep, ctx, &scope, &resp, sent_token.is_some(), priority)
+            match self
+                .authenticate(ep, ctx, &scope, &resp, sent, priority)
                 .await?
             {
-                return Ok(resp);
+                Some(authorization) => fresh_authorization = Some(authorization),
+                None => return Ok(resp),
             }
         }
     }
 
-    /// Reacts to a 401/403; returns whether a retry with new authorization makes sense.
+    fn token_fetch_lock(&self, host: &str, scope: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.token_fetches.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            locks
+                .entry((host.to_owned(), scope.to_owned()))
+                .or_default(),
+        )
+    }
+
+    /// The credentials for a host: from `auths`, else from its credential helper (asked
+    /// once; a failed run is not remembered, so it is asked again next time).
+    async fn credentials<'e>(
+        &self,
+        ep: &'e Endpoint,
+    ) -> Result<Option<&'e Credentials>, RegistryError> {
+        if let Some(creds) = &ep.credentials {
+            return Ok(Some(creds));
+        }
+        let Some(helper) = &ep.helper else {
+            return Ok(None);
+        };
+        let creds = ep
+            .helper_credentials
+            .get_or_try_init(|| self.run_credential_helper(helper, &ep.credentials_key))
+            .await?;
+        Ok(creds.as_ref())
+    }
+
+    /// Runs `docker-credential-<helper> get` (the docker credential-helper protocol: the
+    /// server on stdin, `{"Username","Secret"}` on stdout). A helper that exits with an
+    /// error has no credentials for the server; one that cannot be started is an error.
+    async fn run_credential_helper(
+        &self,
+        helper: &str,
+        registry: &str,
+    ) -> Result<Option<Credentials>, RegistryError> {
+        let config_path = self
+            .docker_config
+            .as_ref()
+            .map(|c| c.path().to_owned())
+            .unwrap_or_default();
+        let fail = |reason: String| RegistryError::Config {
+            path: config_path.clone(),
+            reason,
+        };
+        if helper.is_empty()
+            || !helper
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            || helper.starts_with('.')
+        {
+            return Err(fail(format!(
+                "credential helper name {helper:?} may only contain letters, digits, '-', '_' and '.'"
+            )));
+        }
+        let name = format!("docker-credential-{helper}");
+        let program = match &self.options.credential_helper_dir {
+            Some(dir) => dir.join(&name),
+            None => PathBuf::from(&name),
+        };
+        let server = if registry == super::reference::DOCKER_HUB {
+            "https://index.docker.io/v1/"
+        } else {
+            registry
+        };
+        let mut child = tokio::process::Command::new(&program)
+            .arg("get")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                fail(format!(
+                    "cannot run credential helper {} for {registry}: {e}; install it or \
+                     put the credentials under \"auths\"",
+                    program.display()
+                ))
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use tokio::io::AsyncWriteExt as _;
+            // A helper that exits without reading its input is handled by its exit status.
+            let _ = stdin.write_all(server.as_bytes()).await;
+        }
+        let output = tokio::time::timeout(self.options.request_timeout, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "credential helper {name} did not answer for {registry} within {:?}",
+                    self.options.request_timeout
+                ))
+            })?
+            .map_err(|e| {
+                fail(format!(
+                    "credential helper {name} failed for {registry}: {e}"
+                ))
+            })?;
+        if !output.status.success() {
+            tracing::info!(%registry, helper = %name, status = %output.status, "credential helper has no credentials; continuing anonymously");
+            return Ok(None);
+        }
+        #[derive(serde::Deserialize)]
+        struct HelperAnswer {
+            #[serde(rename = "Username")]
+            username: String,
+            #[serde(rename = "Secret")]
+            secret: String,
+        }
+        let answer: HelperAnswer = serde_json::from_slice(&output.stdout).map_err(|e| {
+            fail(format!(
+                "credential helper {name} for {registry}: {}",
+                json_error_without_values("answer", &e)
+            ))
+        })?;
+        // Docker's convention: user `<token>` means the secret is an identity token.
+        Ok(Some(if answer.username == "<token>" {
+            Credentials {
+                identity_token: Some(Secret::new(answer.secret)),
+                ..Credentials::default()
+            }
+        } else {
+            Credentials::basic(answer.username, answer.secret)
+        }))
+    }
+
+    fn host_wants_basic(&self, host: &str) -> bool {
+        self.basic_hosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(host)
+    }
+
+    /// Reacts to a 401/403: the `Authorization` value to retry with, or `None` when
+    /// retrying cannot help (no credentials, or they were just refused).
     async fn authenticate(
         &self,
         ep: &Endpoint,
         ctx: &Ctx<'_>,
         scope: &str,
         resp: &Response,
-        sent_token: bool,
+        sent: Sent,
         priority: FetchPriority,
-    ) -> Result<bool, RegistryError> {
+    ) -> Result<Option<String>, RegistryError> {
+        if sent == Sent::RegistryToken {
+            return Ok(None);
+        }
         let challenges: Vec<Challenge> = resp
             .headers()
             .get_all(WWW_AUTHENTICATE)
@@ -963,32 +1270,43 @@ impl RegistryClient {
             Challenge::Basic { .. } => None,
         });
         if let Some((realm, service, challenge_scope)) = bearer {
-            self.tokens.remove(&ep.cfg.host, scope);
+            // One token fetch per host and scope at a time: readers refused together
+            // share the token the first of them gets.
+            let lock = self.token_fetch_lock(&ep.cfg.host, scope);
+            let _fetching = lock.lock().await;
+            if let Some(current) = self.tokens.get(&ep.cfg.host, scope)
+                && sent != Sent::CachedToken(current.clone())
+            {
+                return Ok(Some(format!("Bearer {}", current.expose())));
+            }
             let token_scope = challenge_scope.as_deref().unwrap_or(scope);
             let (token, lifetime) = self
                 .fetch_token(ep, ctx, realm, service.as_deref(), token_scope, priority)
                 .await?;
+            let authorization = format!("Bearer {}", token.expose());
             self.tokens.insert(&ep.cfg.host, scope, token, lifetime);
-            return Ok(true);
+            return Ok(Some(authorization));
+        }
+        if let Sent::CachedToken(_) = sent {
+            // Refused without a new challenge: the token is no good any more.
+            self.tokens.remove(&ep.cfg.host, scope);
         }
         let wants_basic = challenges
             .iter()
             .any(|c| matches!(c, Challenge::Basic { .. }));
-        if wants_basic && ep.credentials.is_some() {
-            let newly = self
-                .basic_hosts
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(ep.cfg.host.clone());
-            return Ok(newly);
+        if !wants_basic || sent == Sent::Basic || sent == Sent::Fresh {
+            return Ok(None);
         }
-        if sent_token {
-            // A 403 without a challenge after sending a token: drop it and let the next
-            // request start the flow afresh.
-            self.tokens.remove(&ep.cfg.host, scope);
-            return Ok(true);
+        match self.credentials(ep).await? {
+            Some(creds) => {
+                self.basic_hosts
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(ep.cfg.host.clone());
+                Ok(Some(creds.basic_header()))
+            }
+            _ => Ok(None),
         }
-        Ok(false)
     }
 
     async fn fetch_token(
@@ -999,51 +1317,87 @@ impl RegistryClient {
         service: Option<&str>,
         scope: &str,
         priority: FetchPriority,
-    ) -> Result<(super::auth::Secret, Duration), RegistryError> {
+    ) -> Result<(Secret, Duration), RegistryError> {
         let token_error = |reason: String, transient: bool| RegistryError::Token {
             host: ctx.host.to_owned(),
             repository: ctx.repository.to_owned(),
-            object: ctx.object.to_owned(),
+            object: ctx.object.to_string(),
             realm: realm.to_owned(),
             reason,
             transient,
         };
-        let mut url = Url::parse(realm)
+        let realm_url = Url::parse(realm)
             .map_err(|e| token_error(format!("the realm is not a valid URL: {e}"), false))?;
-        if !matches!(url.scheme(), "http" | "https") {
+        if !matches!(realm_url.scheme(), "http" | "https") {
             return Err(token_error("the realm is not an http(s) URL".into(), false));
         }
-        {
-            let mut query = url.query_pairs_mut();
-            if let Some(service) = service {
-                query.append_pair("service", service);
+        let credentials = self.credentials(ep).await?;
+        let mut resp = None;
+        if let Some(refresh) = credentials.and_then(|c| c.identity_token.as_ref()) {
+            // OAuth2 refresh-token grant, as docker does for `identitytoken` logins.
+            let mut form = realm_url.clone();
+            form.set_query(None);
+            {
+                let mut pairs = form.query_pairs_mut();
+                pairs.append_pair("grant_type", "refresh_token");
+                pairs.append_pair("refresh_token", refresh.expose());
+                pairs.append_pair("client_id", "sluice");
+                if let Some(service) = service {
+                    pairs.append_pair("service", service);
+                }
+                pairs.append_pair("scope", scope);
             }
-            query.append_pair("scope", scope);
+            let body = form.query().unwrap_or_default().to_owned();
+            let req = ep
+                .http
+                .post(realm_url.clone())
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(body);
+            let answer = self.execute(req, ctx, priority).await?;
+            // A token server without OAuth2 support: fall back to the plain GET.
+            if !matches!(answer.status().as_u16(), 404 | 405) {
+                resp = Some(answer);
+            }
         }
-        let mut req = ep.http.get(url);
-        if let Some(creds) = &ep.credentials {
-            req = req.header(AUTHORIZATION, creds.basic_header());
-        }
-        let resp = self.execute(req, ctx, priority).await?;
+        let resp = match resp {
+            Some(resp) => resp,
+            None => {
+                let mut url = realm_url;
+                {
+                    let mut query = url.query_pairs_mut();
+                    if let Some(service) = service {
+                        query.append_pair("service", service);
+                    }
+                    query.append_pair("scope", scope);
+                }
+                let mut req = ep.http.get(url);
+                if let Some(creds) = credentials
+                    && !creds.username.is_empty()
+                {
+                    req = req.header(AUTHORIZATION, creds.basic_header());
+                }
+                self.execute(req, ctx, priority).await?
+            }
+        };
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(RegistryError::Unauthorized {
                 host: ctx.host.to_owned(),
                 repository: ctx.repository.to_owned(),
-                object: ctx.object.to_owned(),
+                object: ctx.object.to_string(),
                 status: status.as_u16(),
                 hint: format!("token server {realm} refused: {}", self.auth_hint(ep)),
             });
         }
         if !status.is_success() {
-            let transient = status.as_u16() == 429 || status.is_server_error();
+            let transient = is_retryable_status(status);
             return Err(token_error(format!("HTTP {status}"), transient));
         }
         let body = self
             .read_body(resp, ctx, Some(MAX_TOKEN_RESPONSE_BYTES), priority)
             .await?;
         let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| token_error(format!("invalid token response: {e}"), false))?;
+            .map_err(|e| token_error(json_error_without_values("token response", &e), false))?;
         parsed
             .into_token()
             .ok_or_else(|| token_error("the response has no token".into(), false))
@@ -1141,19 +1495,19 @@ impl RegistryClient {
             404 => RegistryError::NotFound {
                 host: ctx.host.to_owned(),
                 repository: ctx.repository.to_owned(),
-                object: ctx.object.to_owned(),
+                object: ctx.object.to_string(),
             },
             401 | 403 => RegistryError::Unauthorized {
                 host: ctx.host.to_owned(),
                 repository: ctx.repository.to_owned(),
-                object: ctx.object.to_owned(),
+                object: ctx.object.to_string(),
                 status,
                 hint: self.auth_hint(ep),
             },
             _ => RegistryError::Status {
                 host: ctx.host.to_owned(),
                 repository: ctx.repository.to_owned(),
-                object: ctx.object.to_owned(),
+                object: ctx.object.to_string(),
                 status,
                 retry_after: header_str(resp.headers(), RETRY_AFTER.as_str())
                     .and_then(|v| parse_retry_after(v, SystemTime::now())),
@@ -1161,21 +1515,45 @@ impl RegistryClient {
         }
     }
 
+    /// Credentials given in the options for `registry`.
+    fn configured_credentials(&self, registry: &str) -> Option<&Credentials> {
+        let wanted = docker_config::normalize_key(registry);
+        self.options
+            .credentials
+            .iter()
+            .find(|(key, _)| docker_config::normalize_key(key) == wanted)
+            .map(|(_, creds)| creds)
+    }
+
     /// What to do about a refused request, given what credentials we had.
     fn auth_hint(&self, ep: &Endpoint) -> String {
         let key = &ep.credentials_key;
+        if self.configured_credentials(key).is_some() {
+            return format!(
+                "check the credentials configured for {key} in sluice's registry settings, \
+                 and that they may pull this repository"
+            );
+        }
         match (&self.docker_config, &self.docker_config_path) {
             (Some(config), _) => {
                 let path = config.path().display();
+                let from_helper = ep.helper_credentials.get().is_some_and(Option::is_some);
                 if ep.credentials.is_some() {
                     format!(
                         "check credentials for {key} in {path}, and that they may pull this repository"
                     )
-                } else if let Some(helper) = config.helper_for(key) {
-                    format!(
-                        "credentials for {key} are kept by credential helper {helper:?}, which sluice does not run; \
-                         add them under \"auths\" in {path}"
-                    )
+                } else if let Some(helper) = &ep.helper {
+                    if from_helper {
+                        format!(
+                            "check the credentials for {key} kept by docker-credential-{helper} \
+                             (named in {path}), and that they may pull this repository"
+                        )
+                    } else {
+                        format!(
+                            "docker-credential-{helper} (named in {path}) has no credentials for {key}: \
+                             log in with docker login {key}"
+                        )
+                    }
                 } else {
                     format!(
                         "no credentials for {key} in {path}: add them (docker login {key}) or check the repository name"
@@ -1193,6 +1571,35 @@ impl RegistryClient {
     }
 }
 
+/// Describes a JSON error by kind and position only: serde's message can quote the
+/// offending value, which in a token response may be the token itself.
+pub(crate) fn json_error_without_values(what: &str, error: &serde_json::Error) -> String {
+    format!(
+        "invalid {what} ({:?} error at line {} column {})",
+        error.classify(),
+        error.line(),
+        error.column()
+    )
+}
+
+/// A handshake the peer failed (bad certificate, not TLS at all): retrying cannot help.
+/// The TLS stack reports these as `io::ErrorKind::InvalidData` inside the connect error.
+fn is_tls_failure(error: &reqwest::Error) -> bool {
+    if !error.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::InvalidData
+        {
+            return true;
+        }
+        source = inner.source();
+    }
+    false
+}
+
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -1201,7 +1608,7 @@ fn short_body(ctx: &Ctx<'_>, got: u64, wanted: u64) -> RegistryError {
     RegistryError::Transport {
         host: ctx.host.to_owned(),
         repository: ctx.repository.to_owned(),
-        object: ctx.object.to_owned(),
+        object: ctx.object.to_string(),
         reason: format!("the response ended after {got} of {wanted} bytes"),
     }
 }

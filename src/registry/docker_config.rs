@@ -2,6 +2,7 @@
 //! `username`/`password` pair), the file `docker login` writes.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -38,20 +39,27 @@ struct RawAuth {
     username: Option<String>,
     #[serde(default)]
     password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+    #[serde(default)]
+    registrytoken: Option<String>,
 }
 
 /// The default location: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
 pub fn default_path() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
+    default_path_from(std::env::var_os("DOCKER_CONFIG"), std::env::var_os("HOME"))
+}
+
+fn default_path_from(docker_config: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
+    if let Some(dir) = docker_config.filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir).join("config.json"));
     }
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
+    home.filter(|h| !h.is_empty())
         .map(|home| PathBuf::from(home).join(".docker").join("config.json"))
 }
 
 /// `https://index.docker.io/v1/`, `http://host:5000/v2`, `host:5000` → a registry name.
-fn normalize_key(key: &str) -> String {
+pub(crate) fn normalize_key(key: &str) -> String {
     let without_scheme = key
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
@@ -92,11 +100,23 @@ impl DockerConfig {
             path: path.to_owned(),
             reason,
         };
-        let raw: RawConfig = serde_json::from_slice(text)
-            .map_err(|e| err(format!("not a valid docker config.json: {e}")))?;
+        let raw: RawConfig = serde_json::from_slice(text).map_err(|e| {
+            err(super::client::json_error_without_values(
+                "docker config.json",
+                &e,
+            ))
+        })?;
         let mut auths = HashMap::new();
         for (key, entry) in raw.auths {
             let registry = normalize_key(&key);
+            let identity_token = entry
+                .identitytoken
+                .filter(|t| !t.is_empty())
+                .map(Secret::new);
+            let registry_token = entry
+                .registrytoken
+                .filter(|t| !t.is_empty())
+                .map(Secret::new);
             let creds = match (entry.auth.filter(|a| !a.is_empty()), entry.username) {
                 (Some(auth), _) => {
                     let decoded = base64::engine::general_purpose::STANDARD
@@ -112,11 +132,20 @@ impl DockerConfig {
                     Credentials {
                         username: user.to_owned(),
                         password: Secret::new(pass),
+                        identity_token,
+                        registry_token,
                     }
                 }
                 (None, Some(username)) if !username.is_empty() => Credentials {
                     username,
                     password: Secret::new(entry.password.unwrap_or_default()),
+                    identity_token,
+                    registry_token,
+                },
+                (None, _) if identity_token.is_some() || registry_token.is_some() => Credentials {
+                    identity_token,
+                    registry_token,
+                    ..Credentials::default()
                 },
                 // An empty entry (e.g. left by a credsStore login) carries no credentials.
                 _ => continue,
@@ -169,7 +198,10 @@ mod tests {
             "https://index.docker.io/v1/": {"auth": "aHViOnB3MQ=="},
             "127.0.0.1:5000": {"username": "u", "password": "p:w"},
             "http://Reg.Example:443/v2/": {"auth": "YTpiOmM="},
-            "empty.example": {}
+            "empty.example": {},
+            "acr.example": {"auth": "MDAwMDAwMDAtMDAwMC0wMDAwLTAwMDAtMDAwMDAwMDAwMDAwOg==", "identitytoken": "rt-1"},
+            "idonly.example": {"identitytoken": "rt-2"},
+            "static.example": {"registrytoken": "st-1"}
           },
           "credHelpers": {"gcr.io": "gcloud"}
         }"#;
@@ -188,6 +220,14 @@ mod tests {
             ("a", "b:c")
         );
         assert!(cfg.credentials_for("empty.example").is_none());
+        let acr = cfg.credentials_for("acr.example").unwrap();
+        assert_eq!(acr.username, "00000000-0000-0000-0000-000000000000");
+        assert_eq!(acr.identity_token.as_ref().unwrap().expose(), "rt-1");
+        let id_only = cfg.credentials_for("idonly.example").unwrap();
+        assert_eq!(id_only.identity_token.as_ref().unwrap().expose(), "rt-2");
+        assert!(local.identity_token.is_none());
+        let fixed = cfg.credentials_for("static.example").unwrap();
+        assert_eq!(fixed.registry_token.as_ref().unwrap().expose(), "st-1");
         assert!(cfg.credentials_for("127.0.0.1:5001").is_none());
         assert_eq!(cfg.helper_for("gcr.io"), Some("gcloud"));
         assert_eq!(cfg.helper_for("quay.io"), None);
@@ -205,6 +245,26 @@ mod tests {
             let err = DockerConfig::parse(Path::new("/c.json"), bad).unwrap_err();
             assert!(err.to_string().contains("/c.json"), "{err}");
         }
+    }
+
+    #[test]
+    fn default_location() {
+        assert_eq!(
+            default_path_from(Some("/cfg".into()), Some("/root".into())),
+            Some(PathBuf::from("/cfg/config.json"))
+        );
+        assert_eq!(
+            default_path_from(Some("".into()), Some("/root".into())),
+            Some(PathBuf::from("/root/.docker/config.json"))
+        );
+        assert_eq!(default_path_from(None, None), None);
+    }
+
+    #[test]
+    fn errors_never_quote_values() {
+        let text = br#"{"auths": {"h": {"username": "u", "password": 987654}}}"#;
+        let err = DockerConfig::parse(Path::new("/c.json"), text).unwrap_err();
+        assert!(!err.to_string().contains("987654"), "{err}");
     }
 
     #[test]

@@ -35,6 +35,18 @@ pub enum RegistryError {
     },
 
     #[error(
+        "TLS with {host} failed for repository {repository} ({object}): {reason}; \
+         trust the registry's CA with `ca` in its hosts.toml, or set skip_verify = true \
+         for a test registry"
+    )]
+    Tls {
+        host: String,
+        repository: String,
+        object: String,
+        reason: String,
+    },
+
+    #[error(
         "no response from {host} within {timeout:?} for repository {repository} ({object}); \
          the registry may be overloaded or hanging: retry later or raise the request timeout"
     )]
@@ -210,6 +222,7 @@ impl RegistryError {
             }
             Self::HttpClient { host, .. }
             | Self::Transport { host, .. }
+            | Self::Tls { host, .. }
             | Self::Timeout { host, .. }
             | Self::Unauthorized { host, .. }
             | Self::NotFound { host, .. }

@@ -33,7 +33,7 @@ impl Capabilities {
 }
 
 /// One host to try, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct HostEndpoint {
     /// `scheme://authority[/path]/v2`, with no trailing slash.
     pub api_base: String,
@@ -47,6 +47,22 @@ pub struct HostEndpoint {
     pub headers: Vec<(String, String)>,
     /// A mirror (as opposed to the registry itself / the `server` of hosts.toml).
     pub is_mirror: bool,
+}
+
+impl std::fmt::Debug for HostEndpoint {
+    /// Header values are left out: hosts.toml may carry an `Authorization` override.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let header_names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("HostEndpoint")
+            .field("api_base", &self.api_base)
+            .field("host", &self.host)
+            .field("capabilities", &self.capabilities)
+            .field("skip_verify", &self.skip_verify)
+            .field("ca", &self.ca)
+            .field("header_names", &header_names)
+            .field("is_mirror", &self.is_mirror)
+            .finish()
+    }
 }
 
 /// Whether `authority` (`host[:port]`) is on a loopback address; Docker talks plain HTTP
@@ -362,6 +378,11 @@ server = "https://registry-1.docker.io"
             ]
         );
         assert!(eps[0].is_mirror);
+        let shown = format!("{:?}", eps[0]);
+        assert!(
+            shown.contains("x-custom") && !shown.contains("\"1\""),
+            "{shown}"
+        );
         assert_eq!(eps[1].api_base, "http://aa-mirror.example:5000/prefix/v2");
         assert_eq!(eps[1].host, "aa-mirror.example:5000");
         assert!(eps[1].capabilities.pull && !eps[1].capabilities.resolve);

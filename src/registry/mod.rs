@@ -26,6 +26,39 @@
 //! - [`retry`]: backoff and `Retry-After`.
 //! - [`client`]: `RegistryClient` (endpoints, auth, redirects, retries, verification) and
 //!   `RemoteBlob`, the [`BlobSource`] over a registry.
+//!
+//! # Behaviour
+//!
+//! - **Hosts**: for registry `R`, `<hosts_dir>/R/hosts.toml` (else `_default/hosts.toml`)
+//!   lists mirrors tried in file order, then the upstream `server`. Tag resolution uses
+//!   hosts with `resolve`, digests and blobs hosts with `pull`. A mirror gets one attempt
+//!   and, after a transient failure, is skipped for 30 s; the last host gets the retries.
+//!   Without hosts.toml, loopback registries (`127.0.0.0/8`, `::1`, `localhost`) use
+//!   `http://`, others `https://` unless `plain_http`. Mirror requests carry
+//!   `?ns=<registry>` as containerd's do.
+//! - **Auth**: requests go out anonymously (or with a cached token / basic credentials);
+//!   a 401/403 with a `WWW-Authenticate` challenge triggers one authentication (bearer
+//!   token from the realm, with basic credentials or an identity token when configured;
+//!   or basic auth) and one retry. Tokens are cached per host and repository scope until
+//!   shortly before expiry; concurrent refusals share one token fetch. Credentials come
+//!   from a docker `config.json` (`auths`, `credHelpers`/`credsStore` helpers).
+//! - **Redirects** (blob storage): followed without the registry's credentials; the
+//!   final URL is cached per host and blob for 5 minutes and dropped on 400/401/403/404/410
+//!   or a connection error, after which the registry is asked again.
+//! - **Retries**: connection errors, timeouts, truncated bodies, digest mismatches, 5xx
+//!   and 429 are retried with jittered exponential backoff (or `Retry-After`, capped at
+//!   10 s): `on_demand_retries` for [`FetchPriority::OnDemand`] reads and for resolving,
+//!   `background_retries` for prefetch/background. Every attempt is bounded by
+//!   `request_timeout` (connect, headers, and each pause in the body).
+//! - **Verification**: manifests are checked against the pinned digest or the
+//!   `Docker-Content-Digest` header; whole blobs against their digest. Range reads check
+//!   `Content-Range`; a server that ignores `Range` (200) is read up to the range's end
+//!   only.
+//! - **Metrics**: every HTTP request (including auth and redirect hops) and every body
+//!   byte is counted in `on_demand_*` for on-demand reads and in `background_*` for
+//!   everything else (prefetch, background, manifests, configs, whole blobs).
+//! - **Secrets** (passwords, tokens, pre-signed URLs, hosts.toml header values) never
+//!   appear in `Debug`, `Display` of errors, or logs.
 
 use std::ops::Range;
 

@@ -514,6 +514,26 @@ mod tests {
         assert!(long.parse::<ImageReference>().is_err());
     }
 
+    /// Deterministic random strings over an alphabet of reference syntax, odd bytes and
+    /// multi-byte characters: parsing must answer, never panic.
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let alphabet: Vec<char> = "aZ09:/@._-[]é✓ \t".chars().collect();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 40) as usize;
+            let text: String = (0..len)
+                .map(|i| alphabet[((state >> (i % 50)) as usize + i * 7) % alphabet.len()])
+                .collect();
+            let _ = text.parse::<ImageReference>();
+            let _ = text.parse::<Platform>();
+            let _ = format!("{text}@{D}").parse::<ImageReference>();
+        }
+    }
+
     #[test]
     fn platform_parsing_and_matching() {
         let p: Platform = "linux/amd64".parse().unwrap();

@@ -20,6 +20,11 @@ pub const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
 pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 /// Image reference, set by containerd's CRI plugin alongside the layer digest.
 pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// Image reference, set by stargz-snapshotter's `ctr-remote images rpull` (and nerdctl):
+/// sluice accepts its pulls too.
+pub const LABEL_STARGZ_IMAGE_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
+/// Layer digest, set alongside [`LABEL_STARGZ_IMAGE_REF`].
+pub const LABEL_STARGZ_LAYER_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
 /// Layer digest, set by sluice's own pull.
 pub const LABEL_SLUICE_LAYER_DIGEST: &str = "sluice.io/layer-digest";
 /// Image reference, set by sluice's own pull.
@@ -57,7 +62,8 @@ impl RemoteLayerRequest {
         let target = labels.get(LABEL_TARGET_REF)?;
         let pair = |digest: &str, image: &str| Some((labels.get(digest)?, labels.get(image)?));
         let (layer_digest, image_ref) = pair(LABEL_SLUICE_LAYER_DIGEST, LABEL_SLUICE_IMAGE_REF)
-            .or_else(|| pair(LABEL_CRI_LAYER_DIGEST, LABEL_CRI_IMAGE_REF))?;
+            .or_else(|| pair(LABEL_CRI_LAYER_DIGEST, LABEL_CRI_IMAGE_REF))
+            .or_else(|| pair(LABEL_STARGZ_LAYER_DIGEST, LABEL_STARGZ_IMAGE_REF))?;
         Some(Self {
             key: key.to_owned(),
             parent: parent.to_owned(),

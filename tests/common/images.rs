@@ -209,7 +209,7 @@ fn file_fingerprint(path: &Path) -> String {
 fn image_key(name: &str) -> String {
     let mut material = file_fingerprint(&mkimage_script());
     material.push_str(name);
-    if name == "busybox" {
+    if name != "everything" {
         material.push_str(&file_fingerprint(Path::new("/bin/busybox")));
     }
     sha256_hex(material.as_bytes())[..16].to_string()

@@ -1,12 +1,36 @@
 //! Shared test harness: real registry, HTTP fault-injecting proxy, private containerd,
 //! offline test images and tree comparison. Every test binary includes this with
 //! `mod common;` and uses only part of it.
+//!
+//! | module         | gives |
+//! |----------------|-------|
+//! | [`registry`]   | `TestRegistry`: Debian `docker-registry` on a free port; requests and bytes counted from its access log; stop/restart; optional htpasswd |
+//! | [`proxy`]      | `TestProxy`: loopback HTTP proxy that counts, corrupts chosen blob ranges, fails, hangs or stalls mid-body |
+//! | [`containerd`] | `TestContainerd`: private containerd 1.6 (isolated content, optional CRI, optional proxy snapshotter) with `ctr`/`ctr-remote` helpers |
+//! | [`images`]     | build tools/mkimage.py images (`everything`, `busybox`), convert to eStargz / zstd:chunked, push, read manifests back |
+//! | [`toc`]        | independent TOC reader: which blob bytes hold which chunk of which file |
+//! | [`tree`]       | extract a layer with GNU tar, convert whiteouts as a snapshotter presents them, compare trees |
+//!
+//! A typical test:
+//!
+//! ```ignore
+//! let registry = TestRegistry::start(RegistryOptions::default());
+//! let containerd = TestContainerd::start(ContainerdOptions::default());
+//! let image = images::publish(&containerd, &registry, "everything", ImageFormat::Estargz);
+//! let proxy = TestProxy::start(registry.addr());          // optional, for faults
+//! // ... mount image.layers[0] through sluice from proxy.host() ...
+//! let expected = short_tempdir("expected-");
+//! tree::expected_layer_tree(&image.local_layer(0), expected.path());
+//! tree::assert_trees_equal(expected.path(), mountpoint);
+//! ```
 #![allow(dead_code)]
 
 pub mod containerd;
 pub mod images;
 pub mod proxy;
 pub mod registry;
+pub mod snapshotter;
+pub mod toc;
 pub mod tree;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -51,6 +51,9 @@ struct Shared {
     records: Mutex<Vec<ProxyRecord>>,
     corrupt: Mutex<Vec<CorruptRule>>,
     hang: watch::Sender<bool>,
+    stall_mid_body: watch::Sender<bool>,
+    /// `(remaining, status)`: answer that many upcoming requests with `status`.
+    failures: Mutex<(u64, u16)>,
 }
 
 /// A running proxy. Stopped on drop.
@@ -71,12 +74,15 @@ impl TestProxy {
             .expect("make proxy listener non-blocking");
         let addr = std_listener.local_addr().expect("proxy listener address");
         let (hang, _) = watch::channel(false);
+        let (stall_mid_body, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             upstream,
             counters: Counters::default(),
             records: Mutex::new(Vec::new()),
             corrupt: Mutex::new(Vec::new()),
             hang,
+            stall_mid_body,
+            failures: Mutex::new((0, 0)),
         });
         let (shutdown, shutdown_rx) = oneshot::channel();
         let thread_shared = Arc::clone(&shared);
@@ -163,10 +169,22 @@ impl TestProxy {
         self.shared.corrupt.lock().unwrap().clear();
     }
 
+    /// Answer the next `count` requests with `status` (e.g. 503) and an empty body,
+    /// without contacting the registry.
+    pub fn fail_next(&self, count: u64, status: u16) {
+        *self.shared.failures.lock().unwrap() = (count, status);
+    }
+
     /// While true, connections are accepted and requests read, but nothing is answered.
     /// Switching back to false lets the held requests proceed.
     pub fn set_hang(&self, hang: bool) {
         self.shared.hang.send_replace(hang);
+    }
+
+    /// While true, responses send their headers and the first half of their body, then
+    /// stall (connection open) until switched back to false, which sends the rest.
+    pub fn set_stall_mid_body(&self, stall: bool) {
+        self.shared.stall_mid_body.send_replace(stall);
     }
 }
 
@@ -323,8 +341,25 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) -> std::io::Re
                 .header("connection")
                 .is_some_and(|v| v.eq_ignore_ascii_case("close"));
 
-        let (response, mut response_body) =
-            forward(&shared.upstream, &request, &method, &path, &request_body).await?;
+        let injected_failure = {
+            let mut failures = shared.failures.lock().unwrap();
+            if failures.0 > 0 {
+                failures.0 -= 1;
+                Some(failures.1)
+            } else {
+                None
+            }
+        };
+        let (response, mut response_body) = match injected_failure {
+            Some(status) => (
+                Head {
+                    start_line: format!("HTTP/1.1 {status} Injected Failure"),
+                    headers: Vec::new(),
+                },
+                Vec::new(),
+            ),
+            None => forward(&shared.upstream, &request, &method, &path, &request_body).await?,
+        };
         let status: u16 = response
             .start_line
             .split(' ')
@@ -374,7 +409,19 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) -> std::io::Re
         });
         write_half.write_all(out.as_bytes()).await?;
         if method != "HEAD" {
-            write_half.write_all(&response_body).await?;
+            let mut stall = shared.stall_mid_body.subscribe();
+            let mut rest = &response_body[..];
+            if *stall.borrow_and_update() && response_body.len() > 1 {
+                let (first, second) = response_body.split_at(response_body.len() / 2);
+                write_half.write_all(first).await?;
+                write_half.flush().await?;
+                stall
+                    .wait_for(|stalled| !*stalled)
+                    .await
+                    .map_err(|_| std::io::Error::other("proxy shutting down"))?;
+                rest = second;
+            }
+            write_half.write_all(rest).await?;
         }
         write_half.flush().await?;
         if client_wants_close {

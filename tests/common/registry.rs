@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -110,13 +111,16 @@ fn parse_access_line(line: &str) -> Option<AccessRecord> {
 }
 
 /// A running `docker-registry`. Killed on drop (also when the test panics).
+///
+/// Every method takes `&self`, so a test can share it (e.g. in an `Arc`) and stop the
+/// registry from one thread while another reads through it.
 pub struct TestRegistry {
     dir: TempDir,
-    port: u16,
+    port: AtomicU16,
     options: RegistryOptions,
-    child: Option<Child>,
+    child: Mutex<Option<Child>>,
     log: Arc<AccessLog>,
-    next_mark: u64,
+    next_mark: AtomicU64,
 }
 
 impl TestRegistry {
@@ -129,13 +133,13 @@ impl TestRegistry {
                 .expect("htpasswd (apache2-utils) must be installed");
             std::fs::write(dir.path().join("htpasswd"), htpasswd).expect("write htpasswd file");
         }
-        let mut registry = TestRegistry {
+        let registry = TestRegistry {
             dir,
-            port: free_port(),
+            port: AtomicU16::new(free_port()),
             options,
-            child: None,
+            child: Mutex::new(None),
             log: Arc::new(AccessLog::default()),
-            next_mark: 0,
+            next_mark: AtomicU64::new(0),
         };
         let mut last_error = String::new();
         // Another process may grab the free port between probing and binding: retry.
@@ -144,7 +148,7 @@ impl TestRegistry {
                 Ok(()) => return registry,
                 Err(e) => {
                     last_error = e;
-                    registry.port = free_port();
+                    registry.port.store(free_port(), Ordering::SeqCst);
                 }
             }
         }
@@ -168,14 +172,18 @@ impl TestRegistry {
              {auth}\
              http:\n  addr: 127.0.0.1:{port}\n  headers:\n    X-Content-Type-Options: [nosniff]\n",
             storage = storage.display(),
-            port = self.port,
+            port = self.port(),
         );
         let path = self.dir.path().join("config.yml");
         std::fs::write(&path, config).expect("write registry config");
         path
     }
 
-    fn spawn(&mut self) -> Result<(), String> {
+    fn port(&self) -> u16 {
+        self.port.load(Ordering::SeqCst)
+    }
+
+    fn spawn(&self) -> Result<(), String> {
         let config = self.write_config();
         let mut child = Command::new("docker-registry")
             .arg("serve")
@@ -194,7 +202,7 @@ impl TestRegistry {
             let server_log = server_log.clone();
             std::thread::spawn(move || pump_log(stream, &log, &server_log));
         }
-        self.child = Some(child);
+        *self.child.lock().unwrap() = Some(child);
         let addr = self.addr();
         let ready = wait_until(Duration::from_secs(15), || {
             if self.exited() {
@@ -205,32 +213,32 @@ impl TestRegistry {
         if !ready || self.exited() {
             self.kill();
             let log = std::fs::read_to_string(&server_log).unwrap_or_default();
-            return Err(format!("port {}; registry log:\n{log}", self.port));
+            return Err(format!("port {}; registry log:\n{log}", self.port()));
         }
         Ok(())
     }
 
-    fn exited(&mut self) -> bool {
-        match &mut self.child {
+    fn exited(&self) -> bool {
+        match &mut *self.child.lock().unwrap() {
             Some(child) => !matches!(child.try_wait(), Ok(None)),
             None => true,
         }
     }
 
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from(([127, 0, 0, 1], self.port()))
     }
 
     /// `127.0.0.1:PORT`, the host part of image references.
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.port())
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -248,12 +256,12 @@ impl TestRegistry {
     }
 
     /// Kill the registry (SIGKILL, like a crash). Connections in flight are cut.
-    pub fn stop(&mut self) {
+    pub fn stop(&self) {
         self.kill();
     }
 
     /// Start it again on the same port with the same storage.
-    pub fn restart(&mut self) {
+    pub fn restart(&self) {
         self.kill();
         let mut last_error = String::new();
         // The old listener's port may linger briefly; retry a few times.
@@ -267,18 +275,17 @@ impl TestRegistry {
         panic!("docker-registry did not restart: {last_error}");
     }
 
-    pub fn is_running(&mut self) -> bool {
+    pub fn is_running(&self) -> bool {
         !self.exited()
     }
 
     /// Wait until every response completed so far is in the access log: send a marker
     /// request and wait for its line. Only effective while the registry runs.
-    fn sync(&mut self) {
+    fn sync(&self) {
         if self.exited() {
             return;
         }
-        self.next_mark += 1;
-        let mark = self.next_mark;
+        let mark = self.next_mark.fetch_add(1, Ordering::SeqCst) + 1;
         if http_get_status(self.addr(), &format!("{MARK_PATH}{mark}")).is_err() {
             return;
         }
@@ -291,29 +298,29 @@ impl TestRegistry {
     }
 
     /// Every access-log record so far (marker requests excluded).
-    pub fn access_log(&mut self) -> Vec<AccessRecord> {
+    pub fn access_log(&self) -> Vec<AccessRecord> {
         self.sync();
         self.log.state.lock().unwrap().records.clone()
     }
 
     /// Requests the registry has answered so far.
-    pub fn requests(&mut self) -> u64 {
+    pub fn requests(&self) -> u64 {
         self.since(LogMark(0)).requests
     }
 
     /// Response body bytes the registry has written so far.
-    pub fn served_bytes(&mut self) -> u64 {
+    pub fn served_bytes(&self) -> u64 {
         self.since(LogMark(0)).bytes
     }
 
     /// Current end of the access log.
-    pub fn mark(&mut self) -> LogMark {
+    pub fn mark(&self) -> LogMark {
         self.sync();
         LogMark(self.log.state.lock().unwrap().records.len())
     }
 
     /// Totals of the requests answered after `mark`.
-    pub fn since(&mut self, mark: LogMark) -> Usage {
+    pub fn since(&self, mark: LogMark) -> Usage {
         self.records_since(mark)
             .iter()
             .fold(Usage::default(), |usage, record| Usage {
@@ -323,14 +330,14 @@ impl TestRegistry {
     }
 
     /// The records answered after `mark`.
-    pub fn records_since(&mut self, mark: LogMark) -> Vec<AccessRecord> {
+    pub fn records_since(&self, mark: LogMark) -> Vec<AccessRecord> {
         self.sync();
         let state = self.log.state.lock().unwrap();
         state.records.get(mark.0..).unwrap_or_default().to_vec()
     }
 
     /// Bytes served for one blob (GET bodies) after `mark`.
-    pub fn blob_bytes_since(&mut self, mark: LogMark, digest: &str) -> u64 {
+    pub fn blob_bytes_since(&self, mark: LogMark, digest: &str) -> u64 {
         self.records_since(mark)
             .iter()
             .filter(|r| r.method == "GET" && r.blob_digest() == Some(digest))
@@ -339,7 +346,7 @@ impl TestRegistry {
     }
 
     /// Forget all records; counters restart at zero.
-    pub fn reset_counters(&mut self) {
+    pub fn reset_counters(&self) {
         self.sync();
         self.log.state.lock().unwrap().records.clear();
     }
@@ -387,6 +394,19 @@ impl TestRegistry {
         )
         .unwrap_or_else(|e| panic!("finishing blob upload to {}: {e}", self.host()));
         digest
+    }
+
+    /// Delete a blob from repository `repo` (the registry runs with deletes enabled), so
+    /// later reads of it get 404 — e.g. to prove that cached data no longer needs it.
+    pub fn delete_blob(&self, repo: &str, digest: &str) {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "-f", "-X", "DELETE"]);
+        if let Some((user, password)) = &self.options.htpasswd {
+            curl.args(["-u", &format!("{user}:{password}")]);
+        }
+        curl.arg(format!("{}/v2/{repo}/blobs/{digest}", self.url()));
+        run_command(&mut curl)
+            .unwrap_or_else(|e| panic!("deleting blob {digest} from {}: {e}", self.host()));
     }
 
     /// Path of the server's own log (non-access lines), for debugging failed tests.
