@@ -637,7 +637,10 @@ impl Puller<'_> {
                 Ok(LayerOutcome::Downloaded { fetched }) => {
                     bar.finish_with_message(format!("downloaded ({})", HumanBytes(*fetched)));
                 }
-                Err(_) => bar.abandon_with_message("failed"),
+                Err(_) => {
+                    bar.abandon_with_message("failed");
+                    self.progress.finish();
+                }
             }
             layers.push(PulledLayer {
                 digest: layer.digest.clone(),
@@ -646,6 +649,7 @@ impl Puller<'_> {
             });
         }
 
+        self.progress.finish();
         if let Some(top) = chain.last() {
             self.label_config_with_snapshot(top).await?;
         }
@@ -1120,6 +1124,16 @@ impl Progress {
         ));
         bar.set_message("checking");
         bar
+    }
+}
+
+impl Progress {
+    /// indicatif leaves the cursor at the end of the last bar; what is printed next
+    /// (the summary, an error) starts on a line of its own.
+    fn finish(&self) {
+        if self.bars.is_some() {
+            eprintln!();
+        }
     }
 }
 
