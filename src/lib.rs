@@ -13,6 +13,7 @@
 //! | [`api`]      | containerd's snapshots gRPC API, generated from proto/. |
 //! | [`config`]   | TOML configuration shared by the daemon and the CLI. |
 //! | [`prefetch`] | static prefetch lists: the files a container's start reads, from the image rootfs and config ([`prefetch::analyze_entrypoint`]). |
+//! | [`pull`]     | `sluice pull`: pulls an image into containerd through its gRPC API, letting the snapshotter mount layers lazily and downloading only the others. |
 //! | [`metrics`]  | counters in Prometheus text format. |
 //!
 //! # How a read travels
@@ -39,5 +40,6 @@ pub mod layer;
 pub mod lazy;
 pub mod metrics;
 pub mod prefetch;
+pub mod pull;
 pub mod registry;
 pub mod snapshot;

@@ -30,6 +30,8 @@ enum Command {
     Mount(MountArgs),
     /// Show each layer of an image: format, size, entries, TOC digest, prefetch list.
     Inspect(InspectArgs),
+    /// Pull an image into containerd, letting the snapshotter mount layers lazily.
+    Pull(PullArgs),
 }
 
 #[derive(Args)]
@@ -88,6 +90,28 @@ struct InspectArgs {
     registry: RegistryArgs,
 }
 
+#[derive(Args)]
+struct PullArgs {
+    /// Image reference; also the name of the image record in containerd.
+    reference: String,
+    /// containerd's gRPC socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    address: PathBuf,
+    /// containerd namespace.
+    #[arg(
+        long,
+        short = 'n',
+        default_value = "default",
+        env = "CONTAINERD_NAMESPACE"
+    )]
+    namespace: String,
+    /// Snapshotter to unpack with, as named in containerd's config.
+    #[arg(long, default_value = "sluice")]
+    snapshotter: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -104,6 +128,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Mount(args) => runtime.block_on(mount(args)),
         Command::Inspect(args) => runtime.block_on(inspect(args)),
+        Command::Pull(args) => runtime.block_on(pull(args)),
     }
 }
 
@@ -229,6 +254,25 @@ async fn wait_for_signal() -> Result<()> {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+    Ok(())
+}
+
+async fn pull(args: PullArgs) -> Result<()> {
+    let options = sluice::pull::PullOptions {
+        address: args.address,
+        namespace: args.namespace,
+        snapshotter: args.snapshotter,
+        platform: args.registry.platform.parse()?,
+        registry: RegistryOptions {
+            plain_http: args.registry.plain_http,
+            hosts_dir: Some(args.registry.hosts_dir),
+            docker_config: args.registry.docker_config,
+            ..RegistryOptions::default()
+        },
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let summary = sluice::pull::pull(&args.reference, &options, Arc::default()).await?;
+    println!("{summary}");
     Ok(())
 }
 

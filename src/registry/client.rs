@@ -91,6 +91,10 @@ pub struct ResolvedImage {
     pub reference: ImageReference,
     /// The index / manifest list the reference pointed to, when it was one.
     pub index_digest: Option<Digest>,
+    /// Media type of that index, when there was one.
+    pub index_media_type: Option<String>,
+    /// Bytes of that index as served (they hash to `index_digest`), when there was one.
+    pub index_bytes: Option<Bytes>,
     /// The platform-specific image manifest.
     pub manifest_digest: Digest,
     pub manifest_media_type: String,
@@ -396,12 +400,17 @@ impl RegistryClient {
         };
         let doc = ManifestDocument::parse(&bytes, content_type.as_deref())
             .map_err(|reason| ctx.invalid_manifest(reason))?;
+        let mut index_document = None;
         let (index_digest, manifest_digest, media_type, manifest_bytes, manifest) = match doc {
             ManifestDocument::Image {
                 media_type,
                 manifest,
             } => (None, digest, media_type, bytes, manifest),
-            ManifestDocument::Index { index, .. } => {
+            ManifestDocument::Index {
+                index,
+                media_type: index_media_type,
+            } => {
+                index_document = Some((index_media_type, bytes));
                 let chosen =
                     index
                         .select(platform)
@@ -468,6 +477,10 @@ impl RegistryClient {
         Ok(ResolvedImage {
             reference: reference.clone(),
             index_digest,
+            index_media_type: index_document
+                .as_ref()
+                .map(|(media_type, _)| media_type.clone()),
+            index_bytes: index_document.map(|(_, bytes)| bytes),
             manifest_digest,
             manifest_media_type: media_type,
             manifest_bytes,
