@@ -12,148 +12,32 @@ mod common;
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::containerd::{ContainerdOptions, TestContainerd, unmount_all_under};
+use common::containerd::{ContainerdOptions, TestContainerd};
 use common::images::{ImageFormat, PushedImage, publish};
 use common::registry::{RegistryOptions, TestRegistry};
+use common::snapshotter::SnapshotterDaemon;
 use common::{run_command, short_tempdir, wait_until};
 use regex::Regex;
 use sluice::api::containerd::services::snapshots::v1 as api;
 use sluice::api::containerd::services::snapshots::v1::snapshots_client::SnapshotsClient;
-use tempfile::TempDir;
 
 const PULL_NAMESPACE: &str = "pull";
 const SNAPSHOTTER: &str = "sluice";
-
-/// The sluice-snapshotter binary with a private root and socket. Dropping it kills the
-/// process (by PID) and detaches any mount left under its directory.
-struct Daemon {
-    dir: TempDir,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let mut daemon = Daemon {
-            dir: short_tempdir("sluice-sn-"),
-            child: None,
-        };
-        daemon.spawn();
-        daemon
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("run/sluice.sock")
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("snapshotter.log")
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("open snapshotter log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice-snapshotter"))
-            .arg("--config")
-            .arg(self.dir.path().join("absent-config.toml"))
-            .arg("--root")
-            .arg(self.root())
-            .arg("--address")
-            .arg(self.socket())
-            .arg("--log-level")
-            .arg("sluice=debug,info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn sluice-snapshotter");
-        self.child = Some(child);
-        let socket = self.socket();
-        let ready = wait_until(Duration::from_secs(30), || {
-            UnixStream::connect(&socket).is_ok()
-        });
-        assert!(
-            ready,
-            "sluice-snapshotter did not listen on {}; log:\n{}",
-            socket.display(),
-            self.log()
-        );
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(self.child.as_ref().expect("snapshotter running").id() as i32)
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM and wait: the graceful path, which must exit 0.
-    fn stop(&mut self) {
-        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM)
-            .expect("send SIGTERM");
-        let mut child = self.child.take().expect("snapshotter running");
-        let status = child.wait().expect("wait for snapshotter");
-        assert!(
-            status.success(),
-            "snapshotter exited with {status}; log:\n{}",
-            self.log()
-        );
-        assert!(
-            !self.socket().exists(),
-            "socket left behind after graceful shutdown"
-        );
-    }
-
-    /// Names of the entries in root/snapshots.
-    fn snapshot_dirs(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.root().join("snapshots"))
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-        unmount_all_under(self.dir.path());
-    }
-}
 
 /// Drop order matters: containerd (and its shims and mounts) first, then the
 /// snapshotter, then the registry.
 struct Rig {
     containerd: TestContainerd,
-    snapshotter: Daemon,
+    snapshotter: SnapshotterDaemon,
     registry: TestRegistry,
 }
 
 impl Rig {
     fn start() -> Rig {
-        let snapshotter = Daemon::start();
+        let snapshotter = SnapshotterDaemon::start("");
         let containerd = TestContainerd::start(ContainerdOptions {
             proxy_snapshotter: Some((SNAPSHOTTER.to_owned(), snapshotter.socket())),
             ..ContainerdOptions::default()

@@ -114,6 +114,24 @@ impl SnapshotterDaemon {
             "snapshotter exited with {status}; log:\n{}",
             self.log()
         );
+        assert!(
+            !self.socket().exists(),
+            "socket left behind after graceful shutdown"
+        );
+    }
+
+    /// Names of the entries in root/snapshots.
+    pub fn snapshot_dirs(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.root().join("snapshots"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
     }
 }
 
