@@ -230,9 +230,21 @@ fn small_read_transfers_a_small_fraction_of_the_layer() {
             &setup.path(&format!("{}-mnt", format.tag())),
             &["--no-background"],
         );
+        let before_read = setup.registry.mark();
         assert_eq!(
             read_file(&mount.path("etc/hostname")).unwrap(),
             b"sluice-test\n"
+        );
+        // A cold read of one small file is one range request, no more.
+        let read_requests = setup
+            .registry
+            .records_since(before_read)
+            .iter()
+            .filter(|r| r.blob_digest() == Some(layer.digest.as_str()))
+            .count();
+        assert_eq!(
+            read_requests, 1,
+            "{format:?}: the read took {read_requests} requests"
         );
         let served = setup.registry.blob_bytes_since(mark, &layer.digest);
         mount.stop();
