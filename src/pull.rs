@@ -41,7 +41,7 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
+    AbortRequest, ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
     DeleteRequest as DeleteLeaseRequest, Image, Info as ContentInfo, InfoRequest, PluginsRequest,
     UpdateImageRequest, UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
 };
@@ -392,7 +392,7 @@ pub async fn pull(
         lease: None,
     };
     let mut services = Containerd::new(&channel, &headers);
-    check_snapshotter(&mut services, options).await?;
+    check_snapshotter(&mut services, reference, options).await?;
 
     let registry = RegistryClient::new(options.registry.clone(), metrics).map_err(resolve_error)?;
     let resolved = registry
@@ -419,11 +419,8 @@ pub async fn pull(
         progress: Progress::new(options.progress),
     };
     puller.create_lease(&lease_id).await?;
-    headers.lease = Some(MetadataValue::try_from(lease_id.as_str()).map_err(|_| {
-        PullError::InvalidNamespace {
-            namespace: options.namespace.clone(),
-        }
-    })?);
+    // The id is ASCII by construction, so the header value always exists.
+    headers.lease = MetadataValue::try_from(lease_id.as_str()).ok();
     puller.services = Containerd::new(&channel, &headers);
     let outcome = puller.run().await;
     // The lease is only a guard while the image record is not there yet; without it, the
@@ -444,6 +441,7 @@ pub async fn pull(
 /// Fails early, with advice, when containerd does not know the snapshotter.
 async fn check_snapshotter(
     services: &mut Containerd,
+    reference: &str,
     options: &PullOptions,
 ) -> Result<(), PullError> {
     let request = PluginsRequest {
@@ -461,7 +459,7 @@ async fn check_snapshotter(
         }
         Err(status) => {
             return Err(PullError::Containerd {
-                image: String::from("(none yet)"),
+                image: reference.to_owned(),
                 call: "Introspection.Plugins",
                 subject: format!("snapshotter {}", options.snapshotter),
                 status,
@@ -754,6 +752,7 @@ impl Puller<'_> {
         use futures::StreamExt as _;
         let subject = format!("{what} {digest}");
         let ingest_ref = format!("sluice-pull-{digest}");
+        let abort_ref = ingest_ref.clone();
         let (sender, receiver) = tokio::sync::mpsc::channel::<WriteContentRequest>(2);
         let base = WriteContentRequest {
             r#ref: ingest_ref,
@@ -823,14 +822,27 @@ impl Puller<'_> {
             exchange(Some(commit)).await.map_err(Ok)
         }
         .await;
-        match written {
-            Ok(()) => Ok(()),
+        // Closing our side makes containerd end the call and release the ingest; wait
+        // for that, or the abort below finds the ingest still in use.
+        drop(sender);
+        let drained = async { while let Ok(Some(_)) = responses.message().await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
+        let failure = match written {
+            Ok(()) => return Ok(()),
             Err(Ok(status)) if status.code() == Code::AlreadyExists => {
-                self.update_content_labels(what, digest, labels).await
+                return self.update_content_labels(what, digest, labels).await;
             }
-            Err(Ok(status)) => Err(self.containerd_error("Content.Write", subject, status)),
-            Err(Err(error)) => Err(error),
+            Err(Ok(status)) => self.containerd_error("Content.Write", subject, status),
+            Err(Err(error)) => error,
+        };
+        // Drop the partial data now rather than when the lease goes.
+        let request = AbortRequest { r#ref: abort_ref };
+        if let Err(status) = self.services.content.abort(request).await
+            && status.code() != Code::NotFound
+        {
+            tracing::warn!(%digest, %status, "aborting the unfinished content write");
         }
+        Err(failure)
     }
 
     async fn unpack_layer(

@@ -465,6 +465,8 @@ fn failed_layer_download_leaves_nothing_half_made() {
         "{snapshots:?}"
     );
     assert!(rig.ctr(&["images", "ls", "-q"]).trim().is_empty());
+    let ingests = rig.ctr(&["content", "active"]);
+    assert!(!ingests.contains("sluice-pull-"), "{ingests}");
 }
 
 /// Stands in for the lazy FUSE layers: "mounts" a layer by extracting the blob from a
