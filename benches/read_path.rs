@@ -2,6 +2,8 @@
 //! network latency: this measures sluice's own cost). Needs root and /dev/fuse.
 //!
 //! - `small_files_cold`: read 50 small files from a fresh mount with an empty cache.
+//! - `small_files_disk_warm/{fuse,passthrough}`: read the same 50 files three times
+//!   from a fresh mount whose disk cache has them, without and with FUSE passthrough.
 //! - `big_file_sequential`: read a 64 MiB file sequentially through the mount when
 //!   nothing is cached (`sluice_cold`), when its chunks are in the disk cache but not
 //!   the page cache (`sluice_disk_warm`), and when the kernel page cache has it
@@ -46,6 +48,16 @@ fn mount(
     blob: &Bytes,
     cache_dir: &Path,
 ) -> Mount {
+    mount_with(runtime, index, blob, cache_dir, FsOptions::default())
+}
+
+fn mount_with(
+    runtime: &tokio::runtime::Runtime,
+    index: &Arc<LayerIndex>,
+    blob: &Bytes,
+    cache_dir: &Path,
+    options: FsOptions,
+) -> Mount {
     let layer = Layer::new(
         "bench",
         index.clone(),
@@ -65,7 +77,7 @@ fn mount(
         cache,
         runtime.handle().clone(),
         mountpoint.path(),
-        FsOptions::default(),
+        options,
     )
     .expect("the benchmark needs root and /dev/fuse");
     Mount {
@@ -126,6 +138,43 @@ fn benches(c: &mut Criterion) {
             spent
         })
     });
+
+    // The same files when their chunks are in the disk cache but nothing is in
+    // memory or the page cache: through FUSE, and through passthrough.
+    let warm_small = tempfile::tempdir().unwrap();
+    {
+        let m = mount(&runtime, &index, &blob, warm_small.path());
+        for i in 0..SMALL_FILES {
+            read_all(&m.mountpoint.path().join(format!("lib/f{i:02}")), &mut buf);
+        }
+    }
+    for (name, passthrough) in [("fuse", false), ("passthrough", true)] {
+        c.bench_function(&format!("small_files_disk_warm/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let m = mount_with(
+                        &runtime,
+                        &index,
+                        &blob,
+                        warm_small.path(),
+                        FsOptions {
+                            passthrough,
+                            ..FsOptions::default()
+                        },
+                    );
+                    let start = Instant::now();
+                    for _ in 0..3 {
+                        for i in 0..SMALL_FILES {
+                            read_all(&m.mountpoint.path().join(format!("lib/f{i:02}")), &mut buf);
+                        }
+                    }
+                    spent += start.elapsed();
+                }
+                spent
+            })
+        });
+    }
 
     // One big file.
     let content = pseudo_random_bytes(BIG_LEN, 99);
@@ -209,7 +258,7 @@ criterion_group! {
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(8));
+        .measurement_time(Duration::from_secs(5));
     targets = benches
 }
 criterion_main!(read_path);

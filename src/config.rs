@@ -4,10 +4,13 @@
 //! are rejected with the key's name: a misspelt option silently falling back to its
 //! default is worse than refusing to start. docs/configuration.md lists every option.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::registry::auth::{Credentials, Secret};
 
 /// Where the configuration file is looked for when none is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/config.toml";
@@ -100,6 +103,9 @@ pub struct RegistryConfig {
     /// Docker `config.json` with registry credentials; `None` means
     /// `$DOCKER_CONFIG/config.json`, else `$HOME/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// Credentials by registry host (`"registry.example.com:5000"`), used before the
+    /// Docker config.
+    pub credentials: BTreeMap<String, RegistryCredentials>,
     /// Time limit for one HTTP request, in seconds.
     pub request_timeout_secs: u64,
     /// Further attempts after a transient failure (network error, 5xx, timeout).
@@ -112,13 +118,48 @@ impl Default for RegistryConfig {
             plain_http: false,
             hosts_dir: PathBuf::from("/etc/containerd/certs.d"),
             docker_config: None,
+            credentials: BTreeMap::new(),
             request_timeout_secs: 30,
             retries: 3,
         }
     }
 }
 
+/// `[registry.credentials."HOST"]`: a username and password, or a bearer token.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// A registry token sent as `Authorization: Bearer`, with no token exchange.
+    #[serde(default)]
+    pub token: Option<Secret>,
+}
+
+impl RegistryCredentials {
+    /// What the registry client sends.
+    pub fn to_client(&self) -> Credentials {
+        match (&self.username, &self.password, &self.token) {
+            (Some(user), Some(password), _) => Credentials::basic(user, password.expose()),
+            (_, _, token) => Credentials {
+                registry_token: token.clone(),
+                ..Credentials::default()
+            },
+        }
+    }
+}
+
 impl RegistryConfig {
+    /// Credentials by host, as the registry client takes them.
+    pub fn client_credentials(&self) -> std::collections::HashMap<String, Credentials> {
+        self.credentials
+            .iter()
+            .map(|(host, credentials)| (host.clone(), credentials.to_client()))
+            .collect()
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
     }
@@ -265,6 +306,15 @@ impl Config {
                 reason: format!("{} is more than the limit of 100", self.registry.retries),
             });
         }
+        for (host, credentials) in &self.registry.credentials {
+            let password = credentials.username.is_some() && credentials.password.is_some();
+            if password == credentials.token.is_some() {
+                return Err(ConfigError::Invalid {
+                    option: "registry.credentials",
+                    reason: format!("{host:?} needs either username and password, or token"),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -323,6 +373,21 @@ mod tests {
         assert!(error.to_string().contains("sockett"), "{error}");
         let error = Config::parse("[nonsense]\n").unwrap_err();
         assert!(error.to_string().contains("nonsense"), "{error}");
+    }
+
+    #[test]
+    fn credentials_are_read_and_redacted() {
+        let config = Config::parse(
+            "[registry.credentials.\"r.example:5000\"]\nusername = \"u\"\npassword = \"hunter2\"\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        let client = config.registry.client_credentials();
+        assert_eq!(client["r.example:5000"].password.expose(), "hunter2");
+        let half = Config::parse("[registry.credentials.\"h\"]\nusername = \"u\"\n").unwrap();
+        assert!(half.validate().is_err());
     }
 
     #[test]

@@ -24,9 +24,10 @@ struct Mounted {
     // Field order matters: unmount before the directories are removed.
     mount: Option<MountedLayer>,
     source: Arc<MemoryBlobSource>,
+    metrics: Arc<Metrics>,
     big: Vec<u8>,
     _runtime: tokio::runtime::Runtime,
-    _cache_dir: tempfile::TempDir,
+    cache_dir: tempfile::TempDir,
     mountpoint: tempfile::TempDir,
 }
 
@@ -107,12 +108,16 @@ fn build_layer() -> (sluice::format::LayerIndex, bytes::Bytes, Vec<u8>) {
 }
 
 fn mount(read_timeout: Duration) -> Mounted {
+    let cache_dir = tempfile::tempdir().unwrap();
+    mount_on(cache_dir, read_timeout)
+}
+
+fn mount_on(cache_dir: tempfile::TempDir, read_timeout: Duration) -> Mounted {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let cache_dir = tempfile::tempdir().unwrap();
     let mountpoint = tempfile::tempdir().unwrap();
     let (index, blob, big) = build_layer();
     let source = Arc::new(MemoryBlobSource::new(blob));
@@ -121,13 +126,14 @@ fn mount(read_timeout: Duration) -> Mounted {
         Arc::new(index),
         source.clone(),
     );
+    let metrics = Arc::new(Metrics::default());
     let cache = ChunkCache::open(
         CacheOptions {
             dir: cache_dir.path().to_path_buf(),
             memory_bytes: 64 << 20,
             ..CacheOptions::default()
         },
-        Arc::new(Metrics::default()),
+        metrics.clone(),
     )
     .unwrap();
     let mount = mount_layer(
@@ -145,9 +151,10 @@ fn mount(read_timeout: Duration) -> Mounted {
     Mounted {
         mount: Some(mount),
         source,
+        metrics,
         big,
         _runtime: runtime,
-        _cache_dir: cache_dir,
+        cache_dir,
         mountpoint,
     }
 }
@@ -374,4 +381,55 @@ fn lookups_of_missing_names_fail_cleanly() {
     assert_eq!(err.kind(), ErrorKind::NotFound);
     let err = fs::metadata(m.path("etc/passwd/x")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTDIR));
+}
+
+#[test]
+fn cached_single_chunk_files_bypass_sluice_through_passthrough() {
+    let first = mount(Duration::from_secs(10));
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    // A handle opened before the chunk was cached keeps the inode in page-cache
+    // mode; opening it again meanwhile must not switch to passthrough.
+    let mut early = fs::File::open(first.path("etc/passwd")).unwrap();
+    let mut buf = Vec::new();
+    early.read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, passwd);
+    assert_eq!(fs::read(first.path("etc/passwd")).unwrap(), passwd);
+    drop(early);
+    assert_eq!(fs::read(first.path("etc/passwd")).unwrap(), passwd);
+    // A second mount over the same disk cache, with the registry gone.
+    let shared = tempfile::TempDir::new_in(first.cache_dir.path()).unwrap();
+    let chunks = first.cache_dir.path().join("chunks");
+    fs::rename(&chunks, shared.path().join("chunks")).unwrap();
+    let second = mount_on(shared, Duration::from_secs(2));
+    second.source.set_behavior(SourceBehavior::Fail);
+    assert!(
+        second.mount.as_ref().unwrap().passthrough_active(),
+        "this kernel offers FUSE passthrough (Linux 6.9+)"
+    );
+    // Two handles share one backing file; after both close, a new open registers it again.
+    let a = fs::File::open(second.path("etc/passwd")).unwrap();
+    let b = fs::File::open(second.path("etc/passwd")).unwrap();
+    let mut buf = Vec::new();
+    (&a).read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, passwd);
+    drop((a, b));
+    assert_eq!(fs::read(second.path("etc/passwd")).unwrap(), passwd);
+    assert_eq!(
+        fs::read(second.path("bin/hard"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EIO)
+    );
+    let m = &second.metrics;
+    // Reads of the cached file never reached the cache: the kernel read the cache file.
+    assert_eq!(
+        m.chunk_hits_disk.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        m.chunk_hits_memory
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(m.read_errors.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }

@@ -181,3 +181,123 @@ fn remote_layers_survive_a_restart_even_with_the_registry_down() {
         "image record lost: {images}"
     );
 }
+
+/// Files before a layer's `.prefetch.landmark` are fetched before Prepare returns: the
+/// container's start then reads them without asking the registry.
+#[test]
+fn prefetch_list_is_fetched_before_the_pull_returns() {
+    let rig = Rig::start("[fs]\nbackground_fetch = false\n");
+    let original = rig.publish("app", ImageFormat::Gzip);
+    let work = common::short_tempdir("sluice-pf-");
+    let record = work.path().join("record.json");
+    let files = ["bin/busybox", "usr/bin/hello", "etc/passwd", "etc/group"];
+    let lines: Vec<String> = files
+        .iter()
+        .map(|f| format!(r#"{{"path":"{f}"}}"#))
+        .collect();
+    std::fs::write(&record, lines.join("\n")).unwrap();
+    let reference = format!("{}/sluice/app:prefetch", rig.registry.host());
+    rig.containerd
+        .ctr_remote(&[
+            "images",
+            "convert",
+            "--oci",
+            "--estargz",
+            "--estargz-record-in",
+            record.to_str().unwrap(),
+            "sluice.test/app:latest",
+            &reference,
+        ])
+        .expect("ctr-remote convert with a prefetch record");
+    rig.containerd
+        .ctr(&["images", "push", "--plain-http", &reference])
+        .expect("push the prefetch image");
+    assert!(!original.layers.is_empty());
+
+    let before_pull = rig.registry.mark();
+    rig.rpull(&reference);
+    let during_pull = rig.registry.since(before_pull).bytes;
+    let before_run = rig.registry.mark();
+    let output = rig.run(&reference, "prefetched", &[]);
+    assert!(
+        output.contains("hello from sluice"),
+        "unexpected output: {output}"
+    );
+    let during_run = rig.registry.since(before_run).bytes;
+    eprintln!("prefetch: {during_pull} bytes during the pull, {during_run} while running");
+    // busybox alone is several hundred KiB compressed: the pull must have fetched it.
+    assert!(
+        during_pull > 300_000,
+        "only {during_pull} bytes during the pull: nothing prefetched"
+    );
+    assert!(
+        during_run * 20 < during_pull,
+        "the run still fetched {during_run} bytes after a {during_pull}-byte prefetch"
+    );
+}
+
+/// kill -9 of the daemon in the middle of a lazy pull (after its first layer is mounted),
+/// then a restart: the pull can be repeated and the image runs.
+#[test]
+fn kill_during_a_lazy_pull_then_the_pull_repeats() {
+    let mut rig = Rig::start("[fs]\nbackground_fetch = false\n");
+    let image = rig.publish("app", ImageFormat::Estargz);
+    let mut pull = std::process::Command::new("ctr-remote")
+        .arg("--address")
+        .arg(rig.containerd.socket())
+        .args(["--namespace", NAMESPACE, "images", "rpull", "--plain-http"])
+        .args(["--snapshotter", "sluice", &image.reference])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ctr-remote rpull");
+    let root = rig.snapshotter.root();
+    let mounted = common::wait_until(std::time::Duration::from_secs(60), || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(root.to_str().unwrap()) && l.contains(" - fuse"))
+    });
+    assert!(mounted, "no layer was mounted:\n{}", rig.snapshotter.log());
+    rig.snapshotter.kill9();
+    let _ = pull.wait();
+
+    rig.snapshotter.spawn();
+    let mut output = String::new();
+    let repeated = common::wait_until(std::time::Duration::from_secs(90), || {
+        let pulled = rig
+            .containerd
+            .ctr_remote(&[
+                "--namespace",
+                NAMESPACE,
+                "images",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "sluice",
+                &image.reference,
+            ])
+            .is_ok();
+        pulled
+            && match rig.ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "sluice",
+                &image.reference,
+                "after-kill",
+            ]) {
+                Ok(out) => {
+                    output = out;
+                    true
+                }
+                Err(_) => false,
+            }
+    });
+    assert!(
+        repeated,
+        "the pull did not succeed again after the restart:\n{}",
+        rig.snapshotter.log()
+    );
+    assert!(output.contains("hello from sluice"), "{output}");
+}

@@ -125,6 +125,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<LazyLayers> {
             plain_http: registry.plain_http,
             hosts_dir: Some(registry.hosts_dir.clone()),
             docker_config: registry.docker_config.clone(),
+            credentials: registry.client_credentials(),
             request_timeout: registry.request_timeout(),
             on_demand_retries: registry.retries,
             // Background work gives up sooner; it is retried by the next stream pass.

@@ -54,7 +54,7 @@ impl Default for CacheOptions {
         Self {
             dir: PathBuf::new(),
             memory_bytes: 256 << 20,
-            shards: 32,
+            shards: 16,
             max_coalesced_bytes: 4 << 20,
         }
     }
@@ -340,6 +340,17 @@ impl ChunkCache {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The disk cache file holding exactly `chunk`'s data, after checking it against
+    /// the chunk digest; `None` when it is not cached (or was damaged). Blocking disk
+    /// I/O: call it off the async runtime. The filesystem uses it to hand whole
+    /// single-chunk files to the kernel (FUSE passthrough).
+    pub fn verified_chunk_file(&self, chunk: &Chunk) -> Option<PathBuf> {
+        match self.disk.read(&chunk.digest, chunk.size) {
+            Ok(Some(_)) => Some(self.disk.path(&chunk.digest)),
+            _ => None,
+        }
     }
 
     /// Decompressed bytes currently held in memory.
@@ -711,6 +722,9 @@ impl ChunkCache {
         let start = run.range.start;
         let members: Vec<Wanted> = run.members.iter().map(|&i| claimed[i].clone()).collect();
         let format = layer.index.format;
+        let disk = self.disk.clone();
+        let label = layer.label.clone();
+        // Decode, verify and store in one blocking task: one hop off the executor.
         let decoded = tokio::task::spawn_blocking(move || {
             members
                 .iter()
@@ -723,10 +737,21 @@ impl ChunkCache {
                         &compressed[from..to],
                         &w.chunk,
                         &mut out,
-                    )
-                    .map(|()| Bytes::from(out))
+                    )?;
+                    // Only verified bytes reach the disk. A failed write only costs a
+                    // refetch once the chunk leaves memory.
+                    if let Err(e) = disk.write(&w.chunk.digest, &out) {
+                        tracing::warn!(
+                            layer = %label,
+                            chunk = %w.chunk.digest,
+                            file = %disk.path(&w.chunk.digest).display(),
+                            error = %e,
+                            "could not write a chunk to the disk cache"
+                        );
+                    }
+                    Ok(Bytes::from(out))
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<Result<Bytes, FormatError>>>()
         })
         .await;
         drop(_on_demand);
@@ -740,7 +765,6 @@ impl ChunkCache {
                 });
             }
         };
-        let mut to_store = Vec::new();
         let mut out = Vec::with_capacity(decoded.len());
         for (&i, result) in run.members.iter().zip(decoded) {
             let want = &claimed[i];
@@ -750,7 +774,6 @@ impl ChunkCache {
                     if mode != LoadMode::Stream {
                         self.memory.insert(want.key, data.clone());
                     }
-                    to_store.push((want.chunk.digest.clone(), data.clone()));
                     out.push((i, Ok(Some(data))));
                 }
                 Err(e) => {
@@ -765,30 +788,7 @@ impl ChunkCache {
                 }
             }
         }
-        if !to_store.is_empty() {
-            self.store(layer, to_store).await;
-        }
         out
-    }
-
-    /// Write verified chunks to disk. A failed write only costs a refetch later.
-    async fn store(&self, layer: &Layer, chunks: Vec<(Digest, Bytes)>) {
-        let store = self.disk.clone();
-        let label = layer.label.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            for (digest, data) in chunks {
-                if let Err(e) = store.write(&digest, &data) {
-                    tracing::warn!(
-                        layer = %label,
-                        chunk = %digest,
-                        file = %store.path(&digest).display(),
-                        error = %e,
-                        "could not write a chunk to the disk cache; it will be fetched again when evicted from memory"
-                    );
-                }
-            }
-        })
-        .await;
     }
 
     /// Fetch (coalesced) every chunk of `entries` into the cache, giving up after

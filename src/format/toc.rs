@@ -282,7 +282,11 @@ pub fn parse_toc_json(
             reason: format!("TOC offset is not inside the {blob_size}-byte blob"),
         });
     }
-    let mut builder = IndexBuilder::new(toc_offset, limits);
+    // ctr-remote's tab-indented entries take 300-400 bytes each: reserving for that
+    // many avoids rehashing the name map while it grows, and a smaller guess for
+    // compact JSON costs at most one growth.
+    let expected_entries = (json.len() / 320).min(limits.max_entries);
+    let mut builder = IndexBuilder::new(toc_offset, limits, expected_entries);
     let mut failure = None;
     let mut deserializer = serde_json::Deserializer::from_slice(json);
     let decoded = TocSeed {
@@ -556,13 +560,16 @@ fn id32(value: i64, field: &str) -> Result<u32, String> {
 }
 
 impl<'r, 'l> IndexBuilder<'r, 'l> {
-    fn new(toc_offset: CompressedOffset, limits: &'l TocLimits) -> Self {
+    fn new(toc_offset: CompressedOffset, limits: &'l TocLimits, expected_entries: usize) -> Self {
+        let capacity = expected_entries.saturating_add(1);
         let mut builder = Self {
             limits,
             toc_offset,
-            entries: Vec::new(),
-            from_toc: Vec::new(),
-            by_name: HashMap::new(),
+            entries: Vec::with_capacity(capacity),
+            from_toc: Vec::with_capacity(capacity),
+            // Names come from the TOC: the default keyed hasher keeps crafted
+            // collisions from turning inserts quadratic.
+            by_name: HashMap::with_capacity(capacity),
             boundaries: Vec::new(),
             last_chunk: None,
             open_file: None,

@@ -12,19 +12,20 @@
 
 mod tree;
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fuser::{
-    BackgroundSession, Config, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request, SessionACL,
+    BackgroundSession, BackingId, Config, Errno, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 
 use self::tree::{Node, OPAQUE_XATTRS, Tree};
@@ -48,6 +49,10 @@ pub struct FsOptions {
     pub max_readahead: u32,
     /// Honour device nodes and setuid bits, as a container root filesystem needs.
     pub allow_devices_and_setuid: bool,
+    /// Let the kernel read single-chunk files whose chunk is in the disk cache
+    /// straight from the cache file (FUSE passthrough, Linux 6.9+), when the kernel
+    /// offers it. Such reads never reach sluice.
+    pub passthrough: bool,
 }
 
 impl Default for FsOptions {
@@ -59,6 +64,7 @@ impl Default for FsOptions {
             attr_ttl: Duration::from_secs(24 * 3600),
             max_readahead: 4 << 20,
             allow_devices_and_setuid: true,
+            passthrough: true,
         }
     }
 }
@@ -95,11 +101,17 @@ pub struct MountedLayer {
     session: Option<BackgroundSession>,
     mountpoint: PathBuf,
     label: String,
+    passthrough_active: Arc<AtomicBool>,
 }
 
 impl MountedLayer {
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// Whether the kernel accepted FUSE passthrough for this mount.
+    pub fn passthrough_active(&self) -> bool {
+        self.passthrough_active.load(Ordering::Relaxed)
     }
 
     /// Unmount and wait for the FUSE threads to finish. If the mount is busy it is
@@ -137,6 +149,10 @@ impl Drop for MountedLayer {
 }
 
 /// Mount `layer` read-only at `mountpoint`. Content reads run on `runtime`.
+///
+/// Blocks while the kernel handshake completes (milliseconds); from async code call
+/// it through `spawn_blocking`. The same holds for [`MountedLayer::unmount`] and
+/// for dropping a [`MountedLayer`], which wait for the FUSE threads to exit.
 pub fn mount_layer(
     layer: Arc<Layer>,
     cache: Arc<ChunkCache>,
@@ -166,6 +182,7 @@ pub fn mount_layer(
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
 
+    let passthrough_active = Arc::new(AtomicBool::new(false));
     let fs = LayerFs {
         tree,
         read: Arc::new(ReadContext {
@@ -177,6 +194,8 @@ pub fn mount_layer(
         }),
         runtime,
         options,
+        passthrough_active: Arc::clone(&passthrough_active),
+        open_inodes: Mutex::new(HashMap::new()),
     };
     let session = fuser::Session::new(fs, mountpoint, &config)
         .and_then(fuser::Session::spawn)
@@ -189,6 +208,7 @@ pub fn mount_layer(
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
         label,
+        passthrough_active,
     })
 }
 
@@ -291,9 +311,80 @@ struct LayerFs {
     read: Arc<ReadContext>,
     runtime: tokio::runtime::Handle,
     options: FsOptions,
+    /// The kernel accepted passthrough at init.
+    passthrough_active: Arc<AtomicBool>,
+    /// Regular files with open handles; see [`LayerFs::open_mode`].
+    open_inodes: Mutex<HashMap<INodeNo, OpenInode>>,
 }
 
+/// Open handles of one regular file, and the backing file they share when the
+/// kernel reads it directly.
+struct OpenInode {
+    backing: Option<BackingId>,
+    handles: u64,
+}
+
+/// File handles of regular-file opens, counted in `open_inodes` until released.
+const CACHED_FH: FileHandle = FileHandle(1);
+const PASSTHROUGH_FH: FileHandle = FileHandle(2);
+
 impl LayerFs {
+    fn backing_table(&self) -> std::sync::MutexGuard<'_, HashMap<INodeNo, OpenInode>> {
+        self.open_inodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Count an open of a regular file and decide its mode. The kernel requires all
+    /// open handles of an inode to agree: once one is open through the page cache,
+    /// passthrough is refused until all are closed, and once one is passthrough all
+    /// must use the same backing id. So passthrough starts only at a first open,
+    /// when the file's whole content is one verified chunk in the disk cache.
+    fn open_mode(&self, node: &Node, reply: &ReplyOpen) -> bool {
+        let mut table = self.backing_table();
+        if let Some(open) = table.get_mut(&node.attr.ino) {
+            open.handles += 1;
+            return open.backing.is_some();
+        }
+        let backing = if self.passthrough_active.load(Ordering::Relaxed) {
+            self.backing_file(node, reply)
+        } else {
+            None
+        };
+        let passthrough = backing.is_some();
+        table.insert(
+            node.attr.ino,
+            OpenInode {
+                backing,
+                handles: 1,
+            },
+        );
+        passthrough
+    }
+
+    fn backing_file(&self, node: &Node, reply: &ReplyOpen) -> Option<BackingId> {
+        let index = self.read.layer.index();
+        let Some(EntryKind::Regular { size, chunks }) =
+            index.entries.get(node.entry.0 as usize).map(|e| &e.kind)
+        else {
+            return None;
+        };
+        let [chunk] = chunks.as_slice() else {
+            return None;
+        };
+        if chunk.file_offset.0 != 0 || chunk.size != *size {
+            return None;
+        }
+        let path = self.read.cache.verified_chunk_file(chunk)?;
+        match std::fs::File::open(&path).and_then(|file| reply.open_backing(&file)) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::debug!(file = %path.display(), error = %e, "passthrough refused; serving reads through FUSE");
+                None
+            }
+        }
+    }
+
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
         self.tree.node(ino).ok_or(Errno::ENOENT)
     }
@@ -359,6 +450,15 @@ impl Filesystem for LayerFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_ASYNC_READ;
         let _ = config.add_capabilities(wanted & config.capabilities());
+        if self.options.passthrough
+            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            // Depth 1 keeps the mount usable as an overlayfs lower layer.
+            && config.set_max_stack_depth(1).is_ok()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        {
+            self.passthrough_active.store(true, Ordering::Relaxed);
+            tracing::debug!(layer = self.read.layer.label(), "FUSE passthrough enabled");
+        }
         Ok(())
     }
 
@@ -401,9 +501,47 @@ impl Filesystem for LayerFs {
         match self.node(ino) {
             Ok(node) if node.attr.kind == FileType::Directory => reply.error(Errno::EISDIR),
             Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => reply.error(Errno::EROFS),
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(node) => {
+                if self.open_mode(node, &reply) {
+                    let table = self.backing_table();
+                    let backing = table.get(&node.attr.ino).and_then(|o| o.backing.as_ref());
+                    match backing {
+                        // The kernel rejects page-cache flags on passthrough opens:
+                        // the backing file's own page cache serves them.
+                        Some(id) => {
+                            reply.opened_passthrough(PASSTHROUGH_FH, FopenFlags::empty(), id)
+                        }
+                        None => reply.error(Errno::EIO),
+                    }
+                } else {
+                    reply.opened(CACHED_FH, FopenFlags::FOPEN_KEEP_CACHE);
+                }
+            }
             Err(e) => reply.error(e),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh == PASSTHROUGH_FH || fh == CACHED_FH {
+            let mut table = self.backing_table();
+            if let Some(open) = table.get_mut(&ino) {
+                open.handles -= 1;
+                if open.handles == 0 {
+                    // Dropping a backing id unregisters it from the kernel.
+                    table.remove(&ino);
+                }
+            }
+        }
+        reply.ok();
     }
 
     fn read(

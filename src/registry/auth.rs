@@ -10,7 +10,8 @@ use base64::Engine as _;
 
 /// A password or token. `Debug` and `Display` are redacted so a secret cannot leak into
 /// logs or error messages by accident.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
