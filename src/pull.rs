@@ -496,6 +496,19 @@ async fn check_snapshotter(
     }
 }
 
+/// One layer to unpack, with where it goes.
+#[derive(Clone, Copy)]
+struct LayerJob<'a> {
+    layer: &'a Descriptor,
+    /// Its digest once uncompressed, from the image config.
+    diff_id: &'a Digest,
+    /// The committed snapshot it becomes.
+    chain_id: &'a Digest,
+    /// The snapshot below it; `None` for the base layer.
+    parent: Option<&'a Digest>,
+    bar: &'a ProgressBar,
+}
+
 struct Puller<'a> {
     /// The reference as the user gave it.
     reference: &'a str,
@@ -620,15 +633,14 @@ impl Puller<'_> {
         for (i, layer) in resolved.layers.iter().enumerate() {
             let parent = i.checked_sub(1).map(|p| &chain[p]);
             let bar = self.progress.layer(i, total, &layer.digest);
-            let outcome = self
-                .unpack_layer(
-                    layer,
-                    &resolved.config.rootfs.diff_ids[i],
-                    &chain[i],
-                    parent,
-                    &bar,
-                )
-                .await;
+            let job = LayerJob {
+                layer,
+                diff_id: &resolved.config.rootfs.diff_ids[i],
+                chain_id: &chain[i],
+                parent,
+                bar: &bar,
+            };
+            let outcome = self.unpack_layer(&job).await;
             match &outcome {
                 Ok(LayerOutcome::AlreadyPresent) => bar.finish_with_message("already present"),
                 Ok(LayerOutcome::Lazy) => bar.finish_with_message("lazy (remote)"),
@@ -845,14 +857,14 @@ impl Puller<'_> {
         Err(failure)
     }
 
-    async fn unpack_layer(
-        &mut self,
-        layer: &Descriptor,
-        diff_id: &Digest,
-        chain_id: &Digest,
-        parent: Option<&Digest>,
-        bar: &ProgressBar,
-    ) -> Result<LayerOutcome, PullError> {
+    async fn unpack_layer(&mut self, job: &LayerJob<'_>) -> Result<LayerOutcome, PullError> {
+        let LayerJob {
+            layer,
+            chain_id,
+            parent,
+            bar,
+            ..
+        } = *job;
         let subject = || format!("layer {} (snapshot {chain_id})", layer.digest);
         if self.snapshot_exists(chain_id, &subject).await? {
             return Ok(LayerOutcome::AlreadyPresent);
@@ -897,7 +909,7 @@ impl Puller<'_> {
         };
         tracing::debug!(layer = %layer.digest, %chain_id, "snapshotter declined the layer; downloading");
         let applied = self
-            .download_and_apply(layer, diff_id, chain_id, &key, mounts, commit_labels, bar)
+            .download_and_apply(job, &key, mounts, commit_labels)
             .await;
         if applied.is_err() {
             // Leave nothing half-made behind; the error that matters is the first one.
@@ -928,17 +940,20 @@ impl Puller<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn download_and_apply(
         &mut self,
-        layer: &Descriptor,
-        diff_id: &Digest,
-        chain_id: &Digest,
+        job: &LayerJob<'_>,
         key: &str,
         mounts: Vec<Mount>,
         commit_labels: HashMap<String, String>,
-        bar: &ProgressBar,
     ) -> Result<LayerOutcome, PullError> {
+        let LayerJob {
+            layer,
+            diff_id,
+            chain_id,
+            bar,
+            ..
+        } = *job;
         let subject = || format!("layer {} (snapshot {chain_id})", layer.digest);
         let mut fetched = 0;
         if !self.content_exists("layer", &layer.digest).await? {
