@@ -41,7 +41,7 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
+    AbortRequest, ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
     DeleteRequest as DeleteLeaseRequest, Image, Info as ContentInfo, InfoRequest, PluginsRequest,
     UpdateImageRequest, UpdateRequest as UpdateContentRequest, WriteAction, WriteContentRequest,
 };
@@ -392,7 +392,7 @@ pub async fn pull(
         lease: None,
     };
     let mut services = Containerd::new(&channel, &headers);
-    check_snapshotter(&mut services, options).await?;
+    check_snapshotter(&mut services, reference, options).await?;
 
     let registry = RegistryClient::new(options.registry.clone(), metrics).map_err(resolve_error)?;
     let resolved = registry
@@ -419,11 +419,8 @@ pub async fn pull(
         progress: Progress::new(options.progress),
     };
     puller.create_lease(&lease_id).await?;
-    headers.lease = Some(MetadataValue::try_from(lease_id.as_str()).map_err(|_| {
-        PullError::InvalidNamespace {
-            namespace: options.namespace.clone(),
-        }
-    })?);
+    // The id is ASCII by construction, so the header value always exists.
+    headers.lease = MetadataValue::try_from(lease_id.as_str()).ok();
     puller.services = Containerd::new(&channel, &headers);
     let outcome = puller.run().await;
     // The lease is only a guard while the image record is not there yet; without it, the
@@ -444,6 +441,7 @@ pub async fn pull(
 /// Fails early, with advice, when containerd does not know the snapshotter.
 async fn check_snapshotter(
     services: &mut Containerd,
+    reference: &str,
     options: &PullOptions,
 ) -> Result<(), PullError> {
     let request = PluginsRequest {
@@ -461,7 +459,7 @@ async fn check_snapshotter(
         }
         Err(status) => {
             return Err(PullError::Containerd {
-                image: String::from("(none yet)"),
+                image: reference.to_owned(),
                 call: "Introspection.Plugins",
                 subject: format!("snapshotter {}", options.snapshotter),
                 status,
@@ -496,6 +494,19 @@ async fn check_snapshotter(
             })
         }
     }
+}
+
+/// One layer to unpack, with where it goes.
+#[derive(Clone, Copy)]
+struct LayerJob<'a> {
+    layer: &'a Descriptor,
+    /// Its digest once uncompressed, from the image config.
+    diff_id: &'a Digest,
+    /// The committed snapshot it becomes.
+    chain_id: &'a Digest,
+    /// The snapshot below it; `None` for the base layer.
+    parent: Option<&'a Digest>,
+    bar: &'a ProgressBar,
 }
 
 struct Puller<'a> {
@@ -622,15 +633,14 @@ impl Puller<'_> {
         for (i, layer) in resolved.layers.iter().enumerate() {
             let parent = i.checked_sub(1).map(|p| &chain[p]);
             let bar = self.progress.layer(i, total, &layer.digest);
-            let outcome = self
-                .unpack_layer(
-                    layer,
-                    &resolved.config.rootfs.diff_ids[i],
-                    &chain[i],
-                    parent,
-                    &bar,
-                )
-                .await;
+            let job = LayerJob {
+                layer,
+                diff_id: &resolved.config.rootfs.diff_ids[i],
+                chain_id: &chain[i],
+                parent,
+                bar: &bar,
+            };
+            let outcome = self.unpack_layer(&job).await;
             match &outcome {
                 Ok(LayerOutcome::AlreadyPresent) => bar.finish_with_message("already present"),
                 Ok(LayerOutcome::Lazy) => bar.finish_with_message("lazy (remote)"),
@@ -754,6 +764,7 @@ impl Puller<'_> {
         use futures::StreamExt as _;
         let subject = format!("{what} {digest}");
         let ingest_ref = format!("sluice-pull-{digest}");
+        let abort_ref = ingest_ref.clone();
         let (sender, receiver) = tokio::sync::mpsc::channel::<WriteContentRequest>(2);
         let base = WriteContentRequest {
             r#ref: ingest_ref,
@@ -823,24 +834,37 @@ impl Puller<'_> {
             exchange(Some(commit)).await.map_err(Ok)
         }
         .await;
-        match written {
-            Ok(()) => Ok(()),
+        // Closing our side makes containerd end the call and release the ingest; wait
+        // for that, or the abort below finds the ingest still in use.
+        drop(sender);
+        let drained = async { while let Ok(Some(_)) = responses.message().await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
+        let failure = match written {
+            Ok(()) => return Ok(()),
             Err(Ok(status)) if status.code() == Code::AlreadyExists => {
-                self.update_content_labels(what, digest, labels).await
+                return self.update_content_labels(what, digest, labels).await;
             }
-            Err(Ok(status)) => Err(self.containerd_error("Content.Write", subject, status)),
-            Err(Err(error)) => Err(error),
+            Err(Ok(status)) => self.containerd_error("Content.Write", subject, status),
+            Err(Err(error)) => error,
+        };
+        // Drop the partial data now rather than when the lease goes.
+        let request = AbortRequest { r#ref: abort_ref };
+        if let Err(status) = self.services.content.abort(request).await
+            && status.code() != Code::NotFound
+        {
+            tracing::warn!(%digest, %status, "aborting the unfinished content write");
         }
+        Err(failure)
     }
 
-    async fn unpack_layer(
-        &mut self,
-        layer: &Descriptor,
-        diff_id: &Digest,
-        chain_id: &Digest,
-        parent: Option<&Digest>,
-        bar: &ProgressBar,
-    ) -> Result<LayerOutcome, PullError> {
+    async fn unpack_layer(&mut self, job: &LayerJob<'_>) -> Result<LayerOutcome, PullError> {
+        let LayerJob {
+            layer,
+            chain_id,
+            parent,
+            bar,
+            ..
+        } = *job;
         let subject = || format!("layer {} (snapshot {chain_id})", layer.digest);
         if self.snapshot_exists(chain_id, &subject).await? {
             return Ok(LayerOutcome::AlreadyPresent);
@@ -885,7 +909,7 @@ impl Puller<'_> {
         };
         tracing::debug!(layer = %layer.digest, %chain_id, "snapshotter declined the layer; downloading");
         let applied = self
-            .download_and_apply(layer, diff_id, chain_id, &key, mounts, commit_labels, bar)
+            .download_and_apply(job, &key, mounts, commit_labels)
             .await;
         if applied.is_err() {
             // Leave nothing half-made behind; the error that matters is the first one.
@@ -916,17 +940,20 @@ impl Puller<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn download_and_apply(
         &mut self,
-        layer: &Descriptor,
-        diff_id: &Digest,
-        chain_id: &Digest,
+        job: &LayerJob<'_>,
         key: &str,
         mounts: Vec<Mount>,
         commit_labels: HashMap<String, String>,
-        bar: &ProgressBar,
     ) -> Result<LayerOutcome, PullError> {
+        let LayerJob {
+            layer,
+            diff_id,
+            chain_id,
+            bar,
+            ..
+        } = *job;
         let subject = || format!("layer {} (snapshot {chain_id})", layer.digest);
         let mut fetched = 0;
         if !self.content_exists("layer", &layer.digest).await? {

@@ -465,6 +465,8 @@ fn failed_layer_download_leaves_nothing_half_made() {
         "{snapshots:?}"
     );
     assert!(rig.ctr(&["images", "ls", "-q"]).trim().is_empty());
+    let ingests = rig.ctr(&["content", "active"]);
+    assert!(!ingests.contains("sluice-pull-"), "{ingests}");
 }
 
 /// Stands in for the lazy FUSE layers: "mounts" a layer by extracting the blob from a
@@ -694,4 +696,101 @@ fn layers_the_snapshotter_mounts_are_not_downloaded() {
         "{again}"
     );
     assert_eq!(snapshotter.layers.requests.lock().unwrap().len(), layers);
+}
+
+/// A reference naming a multi-platform index: the index is stored too, with a GC label
+/// per manifest, the image record points at it, and containerd picks the host's
+/// manifest from it when running.
+#[test]
+fn index_reference_is_recorded_with_the_index_as_target() {
+    if skip_without_root() {
+        return;
+    }
+    let rig = Rig::start();
+    let image = publish(&rig.containerd, &rig.registry, "busybox", ImageFormat::Gzip);
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    // The index must give the manifest's size as the registry serves it.
+    let manifest_size = run_command(Command::new("curl").args([
+        "-sS",
+        "-f",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        "-H",
+        "Accept: application/vnd.docker.distribution.manifest.v2+json",
+        &format!(
+            "{}/v2/{}/manifests/{}",
+            rig.registry.url(),
+            image.repository,
+            image.manifest_digest
+        ),
+    ]))
+    .expect("size of the pushed manifest");
+    let manifest_media_type = image.manifest["mediaType"]
+        .as_str()
+        .unwrap_or("application/vnd.oci.image.manifest.v1+json");
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": manifest_media_type,
+                "digest": image.manifest_digest,
+                "size": manifest_size.trim().parse::<u64>().unwrap(),
+                "platform": {"os": "linux", "architecture": arch},
+            },
+        ],
+    });
+    let index_bytes = serde_json::to_vec(&index).unwrap();
+    let index_digest = format!("sha256:{}", sha256_hex(&index_bytes));
+    let index_file = rig.containerd.scratch_dir("index").join("index.json");
+    std::fs::write(&index_file, &index_bytes).unwrap();
+    run_command(Command::new("curl").args([
+        "-sS",
+        "-f",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/vnd.oci.image.index.v1+json",
+        "--data-binary",
+        &format!("@{}", index_file.display()),
+        &format!(
+            "{}/v2/{}/manifests/multi",
+            rig.registry.url(),
+            image.repository
+        ),
+    ]))
+    .expect("push the index");
+    let reference = format!("{}/{}:multi", rig.registry.host(), image.repository);
+
+    let summary = rig.pull_ok(&reference);
+    assert!(summary.contains(&format!("({index_digest})")), "{summary}");
+    let listing = rig.ctr(&["images", "ls"]);
+    let row = listing
+        .lines()
+        .find(|line| line.starts_with(&reference))
+        .unwrap_or_else(|| panic!("{reference} not in\n{listing}"));
+    assert!(
+        row.contains(&index_digest) && row.contains("application/vnd.oci.image.index.v1+json"),
+        "{row}"
+    );
+    let index_labels = rig.content_labels(&index_digest);
+    assert!(
+        index_labels.contains(&format!(
+            "containerd.io/gc.ref.content.m.0={}",
+            image.manifest_digest
+        )),
+        "{index_labels}"
+    );
+    assert_eq!(
+        rig.run_container(&reference, "index-run").trim(),
+        BUSYBOX_OUTPUT
+    );
 }
