@@ -25,9 +25,11 @@ pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const LABEL_STARGZ_IMAGE_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
 /// Layer digest, set alongside [`LABEL_STARGZ_IMAGE_REF`].
 pub const LABEL_STARGZ_LAYER_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
-/// Layer digest, set by sluice's own pull.
+/// Layer digest for clients that call the snapshotter directly. containerd forwards to
+/// proxy snapshotters only labels under `containerd.io/snapshot/`, so `sluice pull`
+/// sends the CRI labels as well.
 pub const LABEL_SLUICE_LAYER_DIGEST: &str = "sluice.io/layer-digest";
-/// Image reference, set by sluice's own pull.
+/// Image reference, alongside [`LABEL_SLUICE_LAYER_DIGEST`].
 pub const LABEL_SLUICE_IMAGE_REF: &str = "sluice.io/image-ref";
 /// Set on committed snapshots whose contents come from a [`RemoteLayers`] directory.
 pub const LABEL_REMOTE: &str = "sluice.io/remote";
