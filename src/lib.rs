@@ -12,6 +12,7 @@
 //! | [`snapshot`] | the containerd snapshotter: snapshot metadata (redb), overlay mounts, the gRPC service, the hook for remote layers. |
 //! | [`api`]      | containerd's snapshots gRPC API, generated from proto/. |
 //! | [`config`]   | TOML configuration shared by the daemon and the CLI. |
+//! | [`prefetch`] | static prefetch lists: the files a container's start reads, from the image rootfs and config ([`prefetch::analyze_entrypoint`]). |
 //! | [`metrics`]  | counters in Prometheus text format. |
 //!
 //! # How a read travels
@@ -37,5 +38,6 @@ pub mod fs;
 pub mod layer;
 pub mod lazy;
 pub mod metrics;
+pub mod prefetch;
 pub mod registry;
 pub mod snapshot;
