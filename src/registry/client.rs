@@ -1269,6 +1269,136 @@ impl BlobSource for RemoteBlob {
     }
 }
 
+/// Requests beyond the pull path, for the image converter (`crate::convert`) and the
+/// pusher (`super::push`): they reuse the endpoints, authentication and retries above.
+impl RegistryClient {
+    /// Fetches a manifest or index by tag or digest from the first host able to resolve
+    /// it; verifies it against the digest it was asked by (or the one the registry
+    /// names). Returns the bytes, the served content type and the digest.
+    pub(crate) async fn fetch_manifest(
+        &self,
+        repo: &Repository,
+        reference: &str,
+    ) -> Result<(Bytes, Option<String>, Digest), RegistryError> {
+        let pinned: Option<Digest> = reference.parse().ok();
+        let need = if pinned.is_some() {
+            Need::Pull
+        } else {
+            Need::Resolve
+        };
+        let endpoints = self.endpoints(repo.registry())?;
+        let (bytes, content_type, digest, _) = self
+            .across_endpoints(&endpoints, need, self.options.on_demand_retries, |ep| {
+                self.fetch_manifest_once(ep, repo, reference, pinned.as_ref())
+            })
+            .await?;
+        Ok((bytes, content_type, digest))
+    }
+
+    /// Sends a request built by `build` (given the HTTP client and the registry's API
+    /// base URL ending in `/v2/`) to the upstream host of `repo` (pushes never go to
+    /// mirrors), with push authorization; retries network failures, 429 and 5xx.
+    /// Other statuses are returned for the caller to judge with [`Self::push_status_error`].
+    pub(crate) async fn send_push<F>(
+        &self,
+        repo: &Repository,
+        object: &str,
+        build: F,
+    ) -> Result<Response, RegistryError>
+    where
+        F: Fn(&reqwest::Client, &Url) -> RequestBuilder,
+    {
+        let endpoints = self.endpoints(repo.registry())?;
+        let Some(ep) = endpoints.iter().rfind(|ep| !ep.cfg.is_mirror) else {
+            return Err(RegistryError::HttpClient {
+                host: repo.registry().to_owned(),
+                reason: "no upstream host to push to".into(),
+            });
+        };
+        let base = Url::parse(&format!("{}/", ep.cfg.api_base.trim_end_matches('/'))).map_err(
+            |e| RegistryError::HttpClient {
+                host: ep.cfg.host.clone(),
+                reason: format!("API base {:?} is not a URL: {e}", ep.cfg.api_base),
+            },
+        )?;
+        let ctx = Ctx {
+            host: &ep.cfg.host,
+            repository: repo.name(),
+            object,
+        };
+        let scope = format!("repository:{}:pull,push", repo.name());
+        let priority = FetchPriority::OnDemand;
+        self.with_retries(self.options.on_demand_retries, || async {
+            let mut reauthenticated = false;
+            loop {
+                let mut req = build(&ep.http, &base);
+                for (name, value) in &ep.cfg.headers {
+                    req = req.header(name.as_str(), value.as_str());
+                }
+                let sent_token = self.tokens.get(&ep.cfg.host, &scope);
+                if let Some(token) = &sent_token {
+                    req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
+                } else if let Some(creds) = &ep.credentials
+                    && self
+                        .basic_hosts
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&ep.cfg.host)
+                {
+                    req = req.header(AUTHORIZATION, creds.basic_header());
+                }
+                let resp = self.execute(req, &ctx, priority).await?;
+                let status = resp.status();
+                if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                    return Err(self.status_error(ep, &ctx, &resp));
+                }
+                if reauthenticated
+                    || !(status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
+                {
+                    return Ok(resp);
+                }
+                reauthenticated = true;
+                if !self
+                    .authenticate(ep, &ctx, &scope, &resp, sent_token.is_some(), priority)
+                    .await?
+                {
+                    return Ok(resp);
+                }
+            }
+        })
+        .await
+    }
+
+    /// The error for an unexpected status of a push request.
+    pub(crate) fn push_status_error(
+        &self,
+        repo: &Repository,
+        object: &str,
+        resp: &Response,
+    ) -> RegistryError {
+        let endpoints = self.endpoints(repo.registry());
+        let ctx = Ctx {
+            host: repo.registry(),
+            repository: repo.name(),
+            object,
+        };
+        match endpoints
+            .as_ref()
+            .ok()
+            .and_then(|eps| eps.iter().rfind(|ep| !ep.cfg.is_mirror))
+        {
+            Some(ep) => self.status_error(ep, &ctx, resp),
+            None => RegistryError::Status {
+                host: repo.registry().to_owned(),
+                repository: repo.name().to_owned(),
+                object: object.to_owned(),
+                status: resp.status().as_u16(),
+                retry_after: None,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
