@@ -838,6 +838,41 @@ fn scan_tar(file: &File) -> Result<Vec<TarEntry>, WriterError> {
     Ok(entries)
 }
 
+/// One member of a tar archive, as [`list_tar`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TarMember {
+    /// Normalized path: no leading `./` or `/`, no trailing `/`.
+    pub path: String,
+    /// TOC type name: `reg`, `dir`, `symlink`, `hardlink`, `char`, `block` or `fifo`.
+    pub kind: &'static str,
+    pub size: u64,
+    /// Permission bits (`0o7777`).
+    pub mode: u32,
+    /// Where the content starts in the archive file.
+    pub data_start: u64,
+    /// Symlink target as written, or the normalized hard-link target.
+    pub link_target: Option<String>,
+}
+
+/// The members of an uncompressed tar archive in a file, in archive order, leaving out
+/// an earlier conversion's TOC and landmarks (as [`write_chunked_layer`] does).
+pub fn list_tar(tar: &File) -> Result<Vec<TarMember>, WriterError> {
+    Ok(scan_tar(tar)?
+        .into_iter()
+        .map(|e| TarMember {
+            link_target: match e.toc.kind {
+                "symlink" | "hardlink" => Some(e.toc.link_name.clone()),
+                _ => None,
+            },
+            kind: e.toc.kind,
+            size: e.size,
+            mode: e.toc.mode as u32,
+            data_start: e.data_start,
+            path: e.path,
+        })
+        .collect())
+}
+
 fn pax_mtime<R: io::Read>(entry: &mut tar::Entry<'_, R>) -> Option<(i64, u32)> {
     let extensions = entry.pax_extensions().ok()??;
     for ext in extensions.flatten() {
