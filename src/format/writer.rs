@@ -719,10 +719,14 @@ fn normalize(path: &str) -> String {
 }
 
 fn scan_tar(file: &File) -> Result<Vec<TarEntry>, WriterError> {
-    let mut archive = tar::Archive::new(file);
+    // The file's cursor may be anywhere (it was just written); read through a clone
+    // rewound to the start, skipping content by seeking.
+    let mut reader = file.try_clone().map_err(WriterError::Tar)?;
+    io::Seek::seek(&mut reader, io::SeekFrom::Start(0)).map_err(WriterError::Tar)?;
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 16, reader));
     let mut entries = Vec::new();
     let mut group_start = 0u64;
-    for entry in archive.entries().map_err(WriterError::Tar)? {
+    for entry in archive.entries_with_seek().map_err(WriterError::Tar)? {
         let mut entry = entry.map_err(WriterError::Tar)?;
         let header = entry.header().clone();
         let kind_byte = header.entry_type().as_byte();
