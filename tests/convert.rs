@@ -568,3 +568,86 @@ fn prefetch_file_orders_layers_and_inspect_lists_it() {
         "{text}"
     );
 }
+
+#[test]
+fn entrypoint_prefetch_puts_the_start_files_first() {
+    let image = build_image("busybox");
+    let scratch = tempfile::tempdir().unwrap();
+    let dst = scratch.path().join("out");
+    convert_ok(&[
+        &format!("oci:{}", image.layout_dir.display()),
+        &format!("oci:{}", dst.display()),
+        "--prefetch",
+        "entrypoint",
+    ]);
+    let manifest = layout_manifest(&dst);
+    let layers = manifest["layers"].as_array().unwrap();
+    let prefetched: Vec<Vec<String>> = layers
+        .iter()
+        .map(|layer| {
+            let index = read_index(&blob(&dst, layer["digest"].as_str().unwrap()), layer);
+            index
+                .prefetch
+                .iter()
+                .map(|&id| index.entry(id).name.clone())
+                .collect()
+        })
+        .collect();
+    // The image runs busybox from the base layer, with the runtime's user files and
+    // the entry script from the top one.
+    assert_eq!(prefetched[0], ["bin/busybox"], "{prefetched:?}");
+    let top = prefetched.last().unwrap();
+    assert!(
+        top.iter().any(|p| p == "etc/passwd") && top.iter().any(|p| p == "etc/group"),
+        "{prefetched:?}"
+    );
+}
+
+/// The footers are laid out byte for byte as ctr-remote (stargz-snapshotter 0.12)
+/// writes them: only the TOC offset (and for zstd:chunked the TOC sizes) differ.
+#[test]
+fn footers_match_ctr_remote_fixtures_byte_for_byte() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format");
+    let image = build_image("busybox");
+    for (flag, fixture, footer_len) in [
+        ("estargz", "estargz.blob", 51usize),
+        ("zstd-chunked", "zstdchunked.blob", 48),
+    ] {
+        let scratch = tempfile::tempdir().unwrap();
+        let dst = scratch.path().join("out");
+        convert_ok(&[
+            &format!("oci:{}", image.layout_dir.display()),
+            &format!("oci:{}", dst.display()),
+            "--format",
+            flag,
+        ]);
+        let reference = std::fs::read(fixtures.join(fixture)).unwrap();
+        let reference = &reference[reference.len() - footer_len..];
+        let manifest = layout_manifest(&dst);
+        let layer = &manifest["layers"][0];
+        let ours = std::fs::read(blob(&dst, layer["digest"].as_str().unwrap())).unwrap();
+        let footer = &ours[ours.len() - footer_len..];
+        let (fixed, varying): (Vec<usize>, Vec<usize>) = match flag {
+            // gzip header, 'SG' subfield, then 16 hex digits of offset, "STARGZ", the
+            // empty stored block and zero CRC/ISIZE.
+            "estargz" => ((0..16).chain(32..51).collect(), (16..32).collect()),
+            // skippable frame magic and length, 3 u64 sizes, manifest type, magic.
+            _ => ((0..8).chain(32..48).collect(), (8..32).collect()),
+        };
+        for i in fixed {
+            assert_eq!(footer[i], reference[i], "{flag} footer byte {i}");
+        }
+        assert!(varying.iter().any(|&i| footer[i] != 0), "{flag}");
+        // The zstd:chunked TOC sits in a skippable frame right before the footer, like
+        // ctr-remote's; the position annotation says where.
+        if flag == "zstd-chunked" {
+            let position = layer["annotations"]["io.containers.zstd-chunked.manifest-position"]
+                .as_str()
+                .unwrap();
+            let parts: Vec<u64> = position.split(':').map(|p| p.parse().unwrap()).collect();
+            let (offset, length) = (parts[0] as usize, parts[1] as usize);
+            assert_eq!(&ours[offset - 8..offset - 4], &[0x50, 0x2a, 0x4d, 0x18]);
+            assert_eq!(offset + length, ours.len() - footer_len);
+        }
+    }
+}
