@@ -30,8 +30,7 @@ use crate::prefetch::{
     LayerStackView, analyze_entrypoint,
 };
 use crate::registry::manifest::{
-    DOCKER_CONFIG, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ManifestDocument, OCI_CONFIG, OCI_INDEX,
-    OCI_MANIFEST,
+    DOCKER_CONFIG, DOCKER_MANIFEST, ManifestDocument, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
 };
 use crate::registry::{
     Descriptor, FetchPriority, ImageIndex, ImageManifest, ImageReference, Platform, RegistryClient,
@@ -279,7 +278,7 @@ pub async fn convert_image(
             path: options.temp_dir.clone().unwrap_or_else(std::env::temp_dir),
             source,
         })?;
-    let mut out = Output::new(client, dst, temp.path())?;
+    let mut out = Output::new(client, dst)?;
     let (top_bytes, top_type, _) = source.top().await?;
     let doc = ManifestDocument::parse(&top_bytes, top_type.as_deref()).map_err(|reason| {
         ConvertError::BadDocument {
@@ -458,6 +457,7 @@ async fn convert_manifest(
                 source,
             })?;
         let digest = layer.descriptor.digest.clone();
+        let layer_digest = digest.clone();
         let image_name = image.clone();
         let opts = writer_options.clone();
         let (written, blob) = tokio::task::spawn_blocking(move || {
@@ -481,8 +481,9 @@ async fn convert_manifest(
                 })
         })
         .await
-        .map_err(|e| ConvertError::Prefetch {
+        .map_err(|e| ConvertError::LayerUnreadable {
             image: image.clone(),
+            layer: layer_digest.clone(),
             reason: format!("the layer writer thread failed: {e}"),
         })??;
         out.put_blob_file(&written.digest, written.size, blob)
@@ -955,11 +956,7 @@ enum Output {
 }
 
 impl Output {
-    fn new(
-        client: &Arc<RegistryClient>,
-        dst: &ImageLocation,
-        _temp: &Path,
-    ) -> Result<Self, ConvertError> {
+    fn new(client: &Arc<RegistryClient>, dst: &ImageLocation) -> Result<Self, ConvertError> {
         let image = dst.to_string();
         match dst {
             ImageLocation::Registry(reference) => Ok(Self::Registry {
@@ -1173,11 +1170,3 @@ impl Output {
         }
     }
 }
-
-/// Media types of manifests this module writes or accepts, for the CLI's messages.
-pub const ACCEPTED_MANIFEST_TYPES: [&str; 4] = [
-    OCI_MANIFEST,
-    OCI_INDEX,
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-];
