@@ -960,6 +960,10 @@ fn output_order(entries: &[TarEntry], prefetch: &PrefetchOrder) -> OutputOrder {
         .enumerate()
         .map(|(i, e)| (e.path.as_str(), i))
         .collect();
+    let mut occurrences: HashMap<&str, usize> = HashMap::new();
+    for entry in entries {
+        *occurrences.entry(entry.path.as_str()).or_default() += 1;
+    }
     let mut placed = vec![false; entries.len()];
     let mut front = Vec::new();
     let mut prefetched_files = Vec::new();
@@ -974,7 +978,10 @@ fn output_order(entries: &[TarEntry], prefetch: &PrefetchOrder) -> OutputOrder {
         };
         // A hard link is prefetched through its target, which goes first.
         let linkable = entries[id].is_regular() || entries[id].hardlink_target.is_some();
-        if !linkable || placed[id] {
+        // Moving one of several entries of a path ahead of the others would change
+        // which one extraction leaves behind.
+        let repeated = occurrences.get(path.as_str()).is_some_and(|&n| n > 1);
+        if !linkable || placed[id] || repeated {
             continue;
         }
         place_with_parents(id, entries, &by_path, &mut placed, &mut front);
