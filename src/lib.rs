@@ -11,6 +11,7 @@
 //! | [`fs`]       | the read-only FUSE filesystem of one layer, built from its index. |
 //! | [`snapshot`] | the containerd snapshotter: snapshot metadata (redb), overlay mounts, the gRPC service, the hook for remote layers. |
 //! | [`api`]      | containerd's snapshots gRPC API, generated from proto/. |
+//! | [`convert`]  | `sluice convert`: rewrite an image's layers as eStargz / zstd:chunked with prefetch-ordered files; OCI layouts and registries (push). |
 //! | [`config`]   | TOML configuration shared by the daemon and the CLI. |
 //! | [`prefetch`] | static prefetch lists: the files a container's start reads, from the image rootfs and config ([`prefetch::analyze_entrypoint`]). |
 //! | [`pull`]     | `sluice pull`: pulls an image into containerd through its gRPC API, letting the snapshotter mount layers lazily and downloading only the others. |
@@ -33,6 +34,7 @@
 pub mod api;
 pub mod cache;
 pub mod config;
+pub mod convert;
 pub mod digest;
 pub mod format;
 pub mod fs;

@@ -32,6 +32,46 @@ enum Command {
     Inspect(InspectArgs),
     /// Pull an image into containerd, letting the snapshotter mount layers lazily.
     Pull(PullArgs),
+    /// Convert an image's layers to eStargz or zstd:chunked, prefetched files first.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Source image: a registry reference or an OCI layout, oci:DIR[:TAG].
+    src: String,
+    /// Destination: a registry reference or a new OCI layout directory, oci:DIR[:TAG].
+    dst: String,
+    /// Layer format to write.
+    #[arg(long, value_enum, default_value = "estargz")]
+    format: ConvertFormat,
+    /// Files to put first: `entrypoint` (static analysis of the image's command), a
+    /// file with one absolute path per line, or `none`.
+    #[arg(long, default_value = "none")]
+    prefetch: String,
+    /// Largest uncompressed chunk of a file, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    chunk_size: u64,
+    /// Compression level (gzip 0-9, default 9; zstd 1-22, default 3).
+    #[arg(long)]
+    compression_level: Option<i32>,
+    /// Compression threads [default: the number of CPUs].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Convert every platform of a multi-platform image (the result is an index).
+    #[arg(long)]
+    all_platforms: bool,
+    /// Directory for temp files (downloaded and decompressed layers).
+    #[arg(long)]
+    temp_dir: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ConvertFormat {
+    Estargz,
+    ZstdChunked,
 }
 
 #[derive(Args)]
@@ -129,6 +169,7 @@ fn main() -> Result<()> {
         Command::Mount(args) => runtime.block_on(mount(args)),
         Command::Inspect(args) => runtime.block_on(inspect(args)),
         Command::Pull(args) => runtime.block_on(pull(args)),
+        Command::Convert(args) => runtime.block_on(convert(args)),
     }
 }
 
@@ -321,5 +362,65 @@ async fn inspect(args: InspectArgs) -> Result<()> {
             Err(error) => return Err(error.into()),
         }
     }
+    Ok(())
+}
+
+async fn convert(args: ConvertArgs) -> Result<()> {
+    use sluice::convert::{
+        ConvertOptions, ImageLocation, PlatformChoice, PrefetchSource, convert_image,
+    };
+    use sluice::format::LayerFormat;
+    let format = match args.format {
+        ConvertFormat::Estargz => LayerFormat::Estargz,
+        ConvertFormat::ZstdChunked => LayerFormat::ZstdChunked,
+    };
+    let src: ImageLocation = args.src.parse()?;
+    let dst: ImageLocation = args.dst.parse()?;
+    let mut options = ConvertOptions::new(format);
+    options.prefetch = match args.prefetch.as_str() {
+        "none" => PrefetchSource::None,
+        "entrypoint" => PrefetchSource::Entrypoint,
+        file => PrefetchSource::from_file(std::path::Path::new(file))?,
+    };
+    options.chunk_size = args.chunk_size;
+    options.compression_level = args.compression_level;
+    if let Some(threads) = args.threads {
+        options.threads = threads.max(1);
+    }
+    options.platforms = if args.all_platforms {
+        PlatformChoice::All
+    } else {
+        PlatformChoice::One(args.registry.platform.parse()?)
+    };
+    options.temp_dir = args.temp_dir;
+    let client = RegistryClient::new(
+        RegistryOptions {
+            plain_http: args.registry.plain_http,
+            hosts_dir: Some(args.registry.hosts_dir.clone()),
+            docker_config: args.registry.docker_config.clone(),
+            ..RegistryOptions::default()
+        },
+        Arc::new(Metrics::default()),
+    )?;
+    let report = convert_image(&client, &src, &dst, &options).await?;
+    for manifest in &report.manifests {
+        let platform = manifest
+            .platform
+            .as_ref()
+            .map_or_else(String::new, |p| format!(" ({p})"));
+        println!("manifest {}{platform}", manifest.manifest_digest);
+        println!("  config {}", manifest.config_digest);
+        for layer in &manifest.layers {
+            println!(
+                "  layer  {} {} {} bytes, toc {}, {} prefetched",
+                layer.digest,
+                layer.format,
+                layer.size,
+                layer.toc_digest,
+                layer.prefetched.len()
+            );
+        }
+    }
+    println!("{} {} {}", dst, report.media_type, report.digest);
     Ok(())
 }

@@ -37,6 +37,7 @@ mod golden_tests;
 mod hostile_tests;
 mod rfc3339;
 mod toc;
+pub mod writer;
 
 pub use chunk::decompress_chunk;
 pub use error::FormatError;

@@ -201,6 +201,8 @@ enum Object<'a> {
     Manifest(&'a str),
     Config(&'a Digest),
     Blob(&'a Digest),
+    /// What a push request is about, already described ("blob sha256:…", "manifest v1").
+    Push(&'a str),
 }
 
 impl fmt::Display for Object<'_> {
@@ -209,6 +211,7 @@ impl fmt::Display for Object<'_> {
             Self::Manifest(reference) => write!(f, "manifest {reference}"),
             Self::Config(digest) => write!(f, "config {digest}"),
             Self::Blob(digest) => write!(f, "blob {digest}"),
+            Self::Push(what) => f.write_str(what),
         }
     }
 }
@@ -1050,12 +1053,29 @@ impl RegistryClient {
         priority: FetchPriority,
     ) -> Result<Response, RegistryError> {
         let scope = pull_scope(repo.name());
+        self.send_with_auth(ep, ctx, &scope, priority, || {
+            ep.http.get(url).headers(headers.clone())
+        })
+        .await
+    }
+
+    /// Sends the request `build` makes, with the host's extra headers and the
+    /// authorization cached for `scope`; on 401/403 it authenticates as the challenge
+    /// asks and tries once more.
+    async fn send_with_auth(
+        &self,
+        ep: &Endpoint,
+        ctx: &Ctx<'_>,
+        scope: &str,
+        priority: FetchPriority,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, RegistryError> {
         // After a challenge, the retry uses what authentication produced, not the cache,
         // so a token that is short-lived or evicted meanwhile still gets its one use.
         let mut fresh_authorization: Option<String> = None;
         let mut reauthenticated = false;
         loop {
-            let mut req = ep.http.get(url).headers(headers.clone());
+            let mut req = build();
             for (name, value) in &ep.cfg.headers {
                 req = req.header(name.as_str(), value.as_str());
             }
@@ -1068,7 +1088,7 @@ impl RegistryClient {
                     req = req.header(AUTHORIZATION, authorization);
                     Sent::Fresh
                 }
-                None => match self.tokens.get(&ep.cfg.host, &scope) {
+                None => match self.tokens.get(&ep.cfg.host, scope) {
                     Some(token) => {
                         req = req.header(AUTHORIZATION, format!("Bearer {}", token.expose()));
                         Sent::CachedToken(token)
@@ -1099,7 +1119,7 @@ impl RegistryClient {
             }
             reauthenticated = true;
             match self
-                .authenticate(ep, ctx, &scope, &resp, sent, priority)
+                .authenticate(ep, ctx, scope, &resp, sent, priority)
                 .await?
             {
                 Some(authorization) => fresh_authorization = Some(authorization),
@@ -1686,6 +1706,110 @@ impl BlobSource for RemoteBlob {
                     reason: e.to_string(),
                 })
         })
+    }
+}
+
+/// Requests beyond the pull path, for the image converter (`crate::convert`) and the
+/// pusher (`super::push`): they reuse the endpoints, authentication and retries above.
+impl RegistryClient {
+    /// Fetches a manifest or index by tag or digest from the first host able to resolve
+    /// it; verifies it against the digest it was asked by (or the one the registry
+    /// names). Returns the bytes, the served content type and the digest.
+    pub(crate) async fn fetch_manifest(
+        &self,
+        repo: &Repository,
+        reference: &str,
+    ) -> Result<(Bytes, Option<String>, Digest), RegistryError> {
+        let pinned: Option<Digest> = reference.parse().ok();
+        let need = if pinned.is_some() {
+            Need::Pull
+        } else {
+            Need::Resolve
+        };
+        let endpoints = self.endpoints(repo.registry())?;
+        let (bytes, content_type, digest, _) = self
+            .across_endpoints(&endpoints, need, self.options.on_demand_retries, |ep| {
+                self.fetch_manifest_once(ep, repo, reference, pinned.as_ref())
+            })
+            .await?;
+        Ok((bytes, content_type, digest))
+    }
+
+    /// Sends a request built by `build` (given the HTTP client and the registry's API
+    /// base URL ending in `/v2/`) to the upstream host of `repo` (pushes never go to
+    /// mirrors), with push authorization; retries network failures, 429 and 5xx.
+    /// Other statuses are returned for the caller to judge with [`Self::push_status_error`].
+    pub(crate) async fn send_push<F>(
+        &self,
+        repo: &Repository,
+        object: &str,
+        build: F,
+    ) -> Result<Response, RegistryError>
+    where
+        F: Fn(&reqwest::Client, &Url) -> RequestBuilder,
+    {
+        let endpoints = self.endpoints(repo.registry())?;
+        let Some(ep) = endpoints.iter().rfind(|ep| !ep.cfg.is_mirror) else {
+            return Err(RegistryError::HttpClient {
+                host: repo.registry().to_owned(),
+                reason: "no upstream host to push to".into(),
+            });
+        };
+        let base =
+            Url::parse(&format!("{}/", ep.cfg.api_base.trim_end_matches('/'))).map_err(|e| {
+                RegistryError::HttpClient {
+                    host: ep.cfg.host.clone(),
+                    reason: format!("API base {:?} is not a URL: {e}", ep.cfg.api_base),
+                }
+            })?;
+        let ctx = Ctx {
+            host: &ep.cfg.host,
+            repository: repo.name(),
+            object: Object::Push(object),
+        };
+        let scope = format!("repository:{}:pull,push", repo.name());
+        self.with_retries(self.options.on_demand_retries, || async {
+            let resp = self
+                .send_with_auth(ep, &ctx, &scope, FetchPriority::OnDemand, || {
+                    build(&ep.http, &base)
+                })
+                .await?;
+            let status = resp.status();
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                return Err(self.status_error(ep, &ctx, &resp));
+            }
+            Ok(resp)
+        })
+        .await
+    }
+
+    /// The error for an unexpected status of a push request.
+    pub(crate) fn push_status_error(
+        &self,
+        repo: &Repository,
+        object: &str,
+        resp: &Response,
+    ) -> RegistryError {
+        let endpoints = self.endpoints(repo.registry());
+        let ctx = Ctx {
+            host: repo.registry(),
+            repository: repo.name(),
+            object: Object::Push(object),
+        };
+        match endpoints
+            .as_ref()
+            .ok()
+            .and_then(|eps| eps.iter().rfind(|ep| !ep.cfg.is_mirror))
+        {
+            Some(ep) => self.status_error(ep, &ctx, resp),
+            None => RegistryError::Status {
+                host: repo.registry().to_owned(),
+                repository: repo.name().to_owned(),
+                object: object.to_owned(),
+                status: resp.status().as_u16(),
+                retry_after: None,
+            },
+        }
     }
 }
 

@@ -73,6 +73,7 @@ pub mod docker_config;
 pub mod error;
 pub mod hosts;
 pub mod manifest;
+pub mod push;
 pub mod reference;
 pub mod retry;
 

@@ -1,0 +1,78 @@
+#!/bin/sh
+# Conversion throughput: `sluice convert` against `ctr-remote images convert --estargz
+# --oci` (Debian's stargz-snapshotter 0.12) on the same image, in one run.
+#
+# Usage (as root, from the repository root, after `cargo build --release`):
+#   tools/bench-convert.sh [IMAGE_NAME]      # a tools/mkimage.py image, default: everything
+#
+# ctr-remote works on containerd's content store, so a private, throw-away containerd
+# is started; the image is imported first and only the conversion itself is timed.
+# sluice reads the same image from its OCI layout and writes an OCI layout. Both use
+# gzip level 9 (ctr-remote's only choice) and 4 MiB chunks.
+set -eu
+name=${1:-everything}
+root=$(pwd)
+sluice="$root/target/release/sluice"
+[ -x "$sluice" ] || { echo "build first: cargo build --release --bin sluice" >&2; exit 1; }
+work=$(mktemp -d)
+sock="$work/containerd.sock"
+cat >"$work/config.toml" <<CFG
+version = 2
+root = "$work/root"
+state = "$work/state"
+[grpc]
+  address = "$sock"
+[ttrpc]
+  address = "$sock.ttrpc"
+[debug]
+  address = "$sock.debug"
+[metrics]
+  address = ""
+CFG
+containerd --config "$work/config.toml" >"$work/containerd.log" 2>&1 &
+pid=$!
+cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT INT TERM
+i=0
+until ctr -a "$sock" version >/dev/null 2>&1; do
+    i=$((i + 1)); [ "$i" -lt 100 ] || { cat "$work/containerd.log"; exit 1; }
+    sleep 0.1
+done
+
+python3 "$root/tools/mkimage.py" "$name" "$work/layout" --archive "$work/image.tar" >/dev/null
+ctr -a "$sock" images import --base-name "bench/$name" "$work/image.tar" >/dev/null
+src_ref=$(ctr -a "$sock" images ls -q | head -n 1)
+uncompressed=0
+for layer in $(jq -r '.manifests[0].digest' "$work/layout/index.json" | cut -d: -f2 |
+    xargs -I{} jq -r '.layers[].digest' "$work/layout/blobs/sha256/{}" | cut -d: -f2); do
+    n=$(gzip -dc "$work/layout/blobs/sha256/$layer" | wc -c)
+    uncompressed=$((uncompressed + n))
+done
+
+now() { date +%s.%N; }
+rate() { # seconds -> "S s, R MB/s"
+    echo "$1" | awk -v b="$uncompressed" '{ printf "%.2f s, %.1f MB/s", $1, b / $1 / 1e6 }'
+}
+
+t0=$(now)
+ctr-remote -a "$sock" images convert --oci --estargz --estargz-chunk-size 4194304 \
+    "$src_ref" "bench/$name:esgz" >/dev/null
+t1=$(now)
+ctr_secs=$(echo "$t1 $t0" | awk '{ print $1 - $2 }')
+
+t0=$(now)
+"$sluice" convert "oci:$work/layout" "oci:$work/out" --format estargz \
+    --chunk-size 4194304 --compression-level 9 --temp-dir "$work" >/dev/null
+t1=$(now)
+sluice_secs=$(echo "$t1 $t0" | awk '{ print $1 - $2 }')
+
+t0=$(now)
+"$sluice" convert "oci:$work/layout" "oci:$work/out-zstd" --format zstd-chunked \
+    --chunk-size 4194304 --temp-dir "$work" >/dev/null
+t1=$(now)
+zstd_secs=$(echo "$t1 $t0" | awk '{ print $1 - $2 }')
+
+echo "image $name: $uncompressed bytes uncompressed, $(nproc) CPUs"
+echo "ctr-remote images convert --oci --estargz:  $(rate "$ctr_secs")"
+echo "sluice convert --format estargz (gzip -9):  $(rate "$sluice_secs")"
+echo "sluice convert --format zstd-chunked (-3):  $(rate "$zstd_secs")"
