@@ -13,6 +13,7 @@
 //! | [`api`]      | containerd's snapshots gRPC API, generated from proto/. |
 //! | [`config`]   | TOML configuration shared by the daemon and the CLI. |
 //! | [`metrics`]  | counters in Prometheus text format. |
+//! | [`bench`]    | `sluice bench`: cold container start-up latency through containerd over a shaped network. |
 //!
 //! # How a read travels
 //!
@@ -29,6 +30,7 @@
 //!    kernel keeps it in its page cache and later reads never reach sluice.
 
 pub mod api;
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod digest;
