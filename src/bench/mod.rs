@@ -587,7 +587,20 @@ fn summarize(
     per_run: Vec<RunRecord>,
 ) -> ModeResult {
     let ok_runs: Vec<&RunRecord> = per_run.iter().filter(|r| r.ok).collect();
-    let spread = |f: fn(&RunRecord) -> f64| Spread::of(ok_runs.iter().map(|r| f(r)).collect());
+    let ok = !per_run.is_empty() && ok_runs.len() == per_run.len();
+    // A mode with a run that never printed `ready` gets no figures (null in the JSON):
+    // medians of the runs that happened to work would flatter it.
+    let spread = |f: fn(&RunRecord) -> f64| {
+        if ok {
+            Spread::of(ok_runs.iter().map(|r| f(r)).collect())
+        } else {
+            Spread {
+                median: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+            }
+        }
+    };
     let (total_s, pull_s, create_start_s, ready_s) = (
         spread(|r| r.total_s),
         spread(|r| r.pull_s),
@@ -596,7 +609,6 @@ fn summarize(
     );
     let bytes = spread(|r| r.registry_bytes as f64);
     let requests = spread(|r| r.registry_requests as f64);
-    let ok = !per_run.is_empty() && ok_runs.len() == per_run.len();
     ModeResult {
         image: image.to_owned(),
         mode,

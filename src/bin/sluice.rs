@@ -332,7 +332,14 @@ fn bench(args: BenchArgs) -> Result<()> {
         ready_timeout: Duration::from_secs(args.ready_timeout.max(1)),
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
     };
-    let report = sluice::bench::run(&options)?;
+    let report = match sluice::bench::run(&options) {
+        Ok(report) => report,
+        Err(error @ sluice::bench::BenchError::Interrupted) => {
+            eprintln!("\n{error}");
+            std::process::exit(130);
+        }
+        Err(error) => return Err(error.into()),
+    };
     let failed: Vec<String> = report
         .results
         .iter()
