@@ -16,6 +16,7 @@
 //! | [`prefetch`] | static prefetch lists: the files a container's start reads, from the image rootfs and config ([`prefetch::analyze_entrypoint`]). |
 //! | [`pull`]     | `sluice pull`: pulls an image into containerd through its gRPC API, letting the snapshotter mount layers lazily and downloading only the others. |
 //! | [`metrics`]  | counters in Prometheus text format. |
+//! | [`bench`]    | `sluice bench`: cold container start-up latency through containerd over a shaped network. |
 //!
 //! # How a read travels
 //!
@@ -32,6 +33,7 @@
 //!    kernel keeps it in its page cache and later reads never reach sluice.
 
 pub mod api;
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod convert;

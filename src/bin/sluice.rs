@@ -34,6 +34,8 @@ enum Command {
     Pull(PullArgs),
     /// Convert an image's layers to eStargz or zstd:chunked, prefetched files first.
     Convert(ConvertArgs),
+    /// Measure cold container start-up: overlayfs vs sluice, over a shaped network (root).
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -72,6 +74,38 @@ struct ConvertArgs {
 enum ConvertFormat {
     Estargz,
     ZstdChunked,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Images to run (built offline by tools/mkbenchimages).
+    #[arg(long, value_delimiter = ',', default_value = "tiny,python,large")]
+    images: Vec<String>,
+    /// Modes: overlayfs, sluice-lazy, sluice-prefetch, sluice-warm, stargz.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "overlayfs,sluice-lazy,sluice-prefetch,sluice-warm,stargz"
+    )]
+    modes: Vec<String>,
+    /// lan (1 Gbit/s, 0.5 ms), dc (100 Mbit/s, 20 ms), slow (20 Mbit/s, 50 ms), none.
+    #[arg(long, default_value = "dc")]
+    network: String,
+    /// Cold runs per image and mode.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Where bench.json and bench.svg are written.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// Built images and the registry storage, kept between invocations.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-images"))]
+    image_cache: PathBuf,
+    /// Directory with mkbenchimages and mkimage.py.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tools"))]
+    tools_dir: PathBuf,
+    /// Seconds a container may take from start to `ready` before the run counts as failed.
+    #[arg(long, default_value_t = 300)]
+    ready_timeout: u64,
 }
 
 #[derive(Args)]
@@ -170,6 +204,7 @@ fn main() -> Result<()> {
         Command::Inspect(args) => runtime.block_on(inspect(args)),
         Command::Pull(args) => runtime.block_on(pull(args)),
         Command::Convert(args) => runtime.block_on(convert(args)),
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -422,5 +457,45 @@ async fn convert(args: ConvertArgs) -> Result<()> {
         }
     }
     println!("{} {} {}", dst, report.media_type, report.digest);
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| m.parse())
+        .collect::<Result<Vec<sluice::bench::Mode>, _>>()?;
+    let options = sluice::bench::BenchOptions {
+        images: args.images,
+        modes,
+        network: args.network.parse().map_err(anyhow::Error::msg)?,
+        runs: args.runs.max(1),
+        out_dir: args.out,
+        image_cache: args.image_cache,
+        tools_dir: args.tools_dir,
+        ready_timeout: Duration::from_secs(args.ready_timeout.max(1)),
+        command_line: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let report = match sluice::bench::run(&options) {
+        Ok(report) => report,
+        Err(error @ sluice::bench::BenchError::Interrupted) => {
+            eprintln!("\n{error}");
+            std::process::exit(130);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let failed: Vec<String> = report
+        .results
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| format!("{} {}", r.image, r.mode.name()))
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "containers that did not print `ready`: {}",
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
