@@ -48,8 +48,8 @@ impl Rig {
     }
 
     /// stargz-snapshotter's own lazy pull client, pointed at sluice.
-    fn rpull(&self, reference: &str) {
-        let out = self.containerd.ctr_remote(&[
+    fn try_rpull(&self, reference: &str) -> Result<String, String> {
+        self.containerd.ctr_remote(&[
             "--namespace",
             NAMESPACE,
             "images",
@@ -58,7 +58,11 @@ impl Rig {
             "--snapshotter",
             "sluice",
             reference,
-        ]);
+        ])
+    }
+
+    fn rpull(&self, reference: &str) {
+        let out = self.try_rpull(reference);
         if let Err(error) = out {
             panic!(
                 "rpull {reference}: {error}\nsnapshotter log:\n{}",
@@ -265,19 +269,7 @@ fn kill_during_a_lazy_pull_then_the_pull_repeats() {
     rig.snapshotter.spawn();
     let mut output = String::new();
     let repeated = common::wait_until(std::time::Duration::from_secs(90), || {
-        let pulled = rig
-            .containerd
-            .ctr_remote(&[
-                "--namespace",
-                NAMESPACE,
-                "images",
-                "rpull",
-                "--plain-http",
-                "--snapshotter",
-                "sluice",
-                &image.reference,
-            ])
-            .is_ok();
+        let pulled = rig.try_rpull(&image.reference).is_ok();
         pulled
             && match rig.ctr(&[
                 "run",
