@@ -92,8 +92,9 @@ pub struct LazyLayers {
     store_dir: PathBuf,
     runtime: tokio::runtime::Handle,
     options: LazyOptions,
-    /// Resolved images by reference: one manifest fetch per image, not per layer.
-    images: tokio::sync::Mutex<HashMap<String, Arc<ResolvedImage>>>,
+    /// Resolved images by reference: one manifest fetch per image, not per layer. Never
+    /// held across a registry request, so pulls of different images do not queue here.
+    images: Mutex<HashMap<String, Arc<ResolvedImage>>>,
     /// Mounted layers by mountpoint.
     mounted: Mutex<HashMap<PathBuf, Mounted>>,
 }
@@ -113,7 +114,7 @@ impl LazyLayers {
             store_dir,
             runtime,
             options,
-            images: tokio::sync::Mutex::default(),
+            images: Mutex::default(),
             mounted: Mutex::default(),
         }
     }
@@ -123,8 +124,7 @@ impl LazyLayers {
     }
 
     async fn resolve(&self, image: &str) -> Result<Arc<ResolvedImage>, LazyLayerError> {
-        let mut images = self.images.lock().await;
-        if let Some(resolved) = images.get(image) {
+        if let Some(resolved) = self.images_lock().get(image) {
             return Ok(Arc::clone(resolved));
         }
         let registry_error = |source| LazyLayerError::Registry {
@@ -132,18 +132,25 @@ impl LazyLayers {
             source,
         };
         let reference: ImageReference = image.parse().map_err(registry_error)?;
+        // Two layers of one image arriving together may both resolve it; the second
+        // answer simply replaces the first.
         let resolved = Arc::new(
             self.client
                 .resolve(&reference, &self.options.platform)
                 .await
                 .map_err(registry_error)?,
         );
+        let mut images = self.images_lock();
         // Images are few per node; keep the map from growing without bound anyway.
         if images.len() >= 256 {
             images.clear();
         }
         images.insert(image.to_owned(), Arc::clone(&resolved));
         Ok(resolved)
+    }
+
+    fn images_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ResolvedImage>>> {
+        self.images.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     async fn prepare(

@@ -497,7 +497,8 @@ struct Sink<'o, 'p> {
     blob: DigestWriter,
     diff: DigestWriter,
     segment_offsets: Vec<u64>,
-    /// Digest of each member's chunk data (a placeholder for members without one).
+    /// Digest of each member's chunk data; members that carry no file data (headers,
+    /// landmarks) get the digest of nothing, which no TOC entry refers to.
     chunk_digests: Vec<Digest>,
 }
 
