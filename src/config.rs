@@ -49,6 +49,15 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub fs: FsConfig,
     pub prefetch: PrefetchConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `GET /metrics` on; `None` serves no metrics.
+    pub address: Option<std::net::SocketAddr>,
 }
 
 /// `[daemon]`: where the snapshotter keeps its state and listens.

@@ -87,3 +87,65 @@ impl Metrics {
         out
     }
 }
+
+/// Content type of the Prometheus text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serve `GET /metrics` (Prometheus text) on `listener` until `shutdown` completes.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = std::sync::Arc::clone(&metrics);
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_are_served_over_http() {
+        let metrics = std::sync::Arc::new(Metrics::default());
+        Metrics::add(&metrics.on_demand_requests, 3);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_http(listener, metrics, async {
+            let _ = stopped.await;
+        }));
+        let response = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        let body = response.text().await.unwrap();
+        assert!(
+            body.contains("\nsluice_on_demand_requests_total 3\n"),
+            "{body}"
+        );
+        let missing = reqwest::get(format!("http://{addr}/other")).await.unwrap();
+        assert_eq!(missing.status(), 404);
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+}

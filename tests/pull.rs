@@ -43,11 +43,16 @@ struct Rig {
     registry: TestRegistry,
     /// An empty hosts directory, so no host configuration leaks into the test.
     hosts_dir: TempDir,
+    /// The snapshotter's Prometheus endpoint.
+    metrics: std::net::SocketAddr,
 }
 
 impl Rig {
     fn start() -> Rig {
-        let snapshotter = SnapshotterDaemon::start(DAEMON_CONFIG);
+        let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+        let snapshotter = SnapshotterDaemon::start(&format!(
+            "{DAEMON_CONFIG}[metrics]\naddress = \"{metrics}\"\n"
+        ));
         let containerd = TestContainerd::start(ContainerdOptions {
             proxy_snapshotter: Some((SNAPSHOTTER.to_owned(), snapshotter.socket())),
             ..ContainerdOptions::default()
@@ -58,7 +63,22 @@ impl Rig {
             snapshotter,
             registry,
             hosts_dir: short_tempdir("sluice-hosts-"),
+            metrics,
         }
+    }
+
+    /// Bytes the snapshotter says it fetched from registries, from its `/metrics`.
+    fn fetched_bytes(&self) -> u64 {
+        self.metric("sluice_on_demand_bytes_total") + self.metric("sluice_background_bytes_total")
+    }
+
+    /// One counter from the snapshotter's `/metrics`.
+    fn metric(&self, name: &str) -> u64 {
+        let (status, body) = common::http_get(self.metrics, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
     }
 
     /// `sluice pull` with the rig's containerd, `--namespace pull`, and `extra` args
@@ -328,6 +348,7 @@ fn chunked_images_are_mounted_lazily_and_run() {
         let total: u64 = image.layers.iter().map(|l| l.size).sum();
 
         let mark = rig.registry.mark();
+        let fetched_before = rig.fetched_bytes();
         let summary = rig.pull_ok(&image.reference);
         assert!(
             summary.contains(&format!(
@@ -360,6 +381,22 @@ fn chunked_images_are_mounted_lazily_and_run() {
             served < total,
             "{format:?}: pull and run made the registry serve {served} layer bytes of {total}"
         );
+        // The snapshotter's own account of what it fetched agrees with the registry's:
+        // every layer byte served, plus at most what else was fetched (manifest, config).
+        let fetched = rig.fetched_bytes() - fetched_before;
+        let blob_bytes: u64 = rig
+            .registry
+            .records_since(mark)
+            .iter()
+            .filter(|r| r.method == "GET")
+            .map(|r| r.bytes)
+            .sum();
+        assert!(
+            (served..=blob_bytes).contains(&fetched),
+            "{format:?}: /metrics counts {fetched} bytes fetched; the registry served \
+             {served} layer bytes and {blob_bytes} bytes in all"
+        );
+        assert!(rig.metric("sluice_chunk_fetches_total") > 0, "{format:?}");
         // Nothing of the layers reached the content store.
         let content = rig.ctr(&["content", "ls", "-q"]);
         for layer in &image.layers {

@@ -86,12 +86,17 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let root = &config.daemon.root;
-    let lazy = Arc::new(lazy_layers(&config)?);
+    let metrics = Arc::new(Metrics::default());
+    let lazy = Arc::new(lazy_layers(&config, Arc::clone(&metrics))?);
     let snapshotter = Arc::new(
         OverlaySnapshotter::open(root, lazy)
             .await
             .with_context(|| format!("opening snapshotter state in {}", root.display()))?,
     );
+    let metrics_server = match config.metrics.address {
+        Some(address) => Some(serve_metrics(address, metrics).await?),
+        None => None,
+    };
     let listener = bind(&config.daemon.socket)?;
     tracing::info!(root = %root.display(), socket = %config.daemon.socket.display(), "serving containerd snapshots API");
 
@@ -108,6 +113,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     snapshotter.shutdown().await;
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     if let Err(error) = std::fs::remove_file(&config.daemon.socket) {
         tracing::warn!(%error, "removing socket");
     }
@@ -116,9 +124,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Start the Prometheus endpoint; the daemon does not start when the address is taken.
+async fn serve_metrics(
+    address: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| {
+            format!("listening for metrics on {address}; change or remove `metrics.address`")
+        })?;
+    tracing::info!(%address, "serving Prometheus metrics on /metrics");
+    Ok(tokio::spawn(async move {
+        if let Err(error) =
+            sluice::metrics::serve_http(listener, metrics, std::future::pending()).await
+        {
+            tracing::error!(%address, %error, "metrics endpoint stopped");
+        }
+    }))
+}
+
 /// The registry client, chunk cache and FUSE settings behind remote snapshots.
-fn lazy_layers(config: &Config) -> anyhow::Result<LazyLayers> {
-    let metrics = Arc::new(Metrics::default());
+fn lazy_layers(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<LazyLayers> {
     let registry = &config.registry;
     let client = RegistryClient::new(
         RegistryOptions {

@@ -677,18 +677,8 @@ impl ChunkCache {
                 .collect::<Vec<_>>()
         };
         let len = run.range.end - run.range.start;
-        let (requests, bytes) = if priority == FetchPriority::OnDemand {
-            (
-                &self.metrics.on_demand_requests,
-                &self.metrics.on_demand_bytes,
-            )
-        } else {
-            (
-                &self.metrics.background_requests,
-                &self.metrics.background_bytes,
-            )
-        };
-        Metrics::add(requests, 1);
+        // Requests and bytes are counted by the registry client, which sees every
+        // request (footers and TOCs too) exactly once.
         let _on_demand = (priority == FetchPriority::OnDemand).then(|| {
             self.on_demand_active.fetch_add(1, Ordering::AcqRel);
             OnDemandGuard(self)
@@ -717,8 +707,6 @@ impl ChunkCache {
                 });
             }
         };
-        Metrics::add(bytes, len);
-
         let start = run.range.start;
         let members: Vec<Wanted> = run.members.iter().map(|&i| claimed[i].clone()).collect();
         let format = layer.index.format;
