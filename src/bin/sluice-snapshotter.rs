@@ -10,6 +10,7 @@ use sluice::config::{Config, DEFAULT_CONFIG_PATH};
 use sluice::fs::FsOptions;
 use sluice::lazy::{LazyLayers, LazyOptions};
 use sluice::metrics::Metrics;
+use sluice::profile::{ProfilerService, Recorder};
 use sluice::registry::{Platform, RegistryClient, RegistryOptions};
 use sluice::snapshot::{OverlaySnapshotter, SnapshotService};
 use tokio::net::UnixListener;
@@ -86,14 +87,16 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let root = &config.daemon.root;
-    let lazy = Arc::new(lazy_layers(&config)?);
+    // Shared by every FUSE mount and the Profiler service (`sluice profile`).
+    let recorder = Arc::new(Recorder::new());
+    let lazy = Arc::new(lazy_layers(&config, Arc::clone(&recorder))?);
     let snapshotter = Arc::new(
         OverlaySnapshotter::open(root, lazy)
             .await
             .with_context(|| format!("opening snapshotter state in {}", root.display()))?,
     );
     let listener = bind(&config.daemon.socket)?;
-    tracing::info!(root = %root.display(), socket = %config.daemon.socket.display(), "serving containerd snapshots API");
+    tracing::info!(root = %root.display(), socket = %config.daemon.socket.display(), "serving containerd snapshots API and sluice.v1.Profiler");
 
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -105,6 +108,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let served = tonic::transport::Server::builder()
         .add_service(SnapshotService::new(Arc::clone(&snapshotter)).into_server())
+        .add_service(ProfilerService::new(recorder).into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     snapshotter.shutdown().await;
@@ -117,7 +121,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// The registry client, chunk cache and FUSE settings behind remote snapshots.
-fn lazy_layers(config: &Config) -> anyhow::Result<LazyLayers> {
+fn lazy_layers(config: &Config, recorder: Arc<Recorder>) -> anyhow::Result<LazyLayers> {
     let metrics = Arc::new(Metrics::default());
     let registry = &config.registry;
     let client = RegistryClient::new(
@@ -151,6 +155,7 @@ fn lazy_layers(config: &Config) -> anyhow::Result<LazyLayers> {
         LazyOptions {
             fs: FsOptions {
                 read_timeout: config.fs.read_timeout(),
+                recorder: Some(recorder),
                 ..FsOptions::default()
             },
             stream: config.fs.background_fetch.then(|| StreamOptions {

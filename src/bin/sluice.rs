@@ -34,6 +34,9 @@ enum Command {
     Pull(PullArgs),
     /// Convert an image's layers to eStargz or zstd:chunked, prefetched files first.
     Convert(ConvertArgs),
+    /// Run an image once through containerd and sluice-snapshotter, recording the files
+    /// it reads, and write a prefetch list for `sluice convert --prefetch FILE`.
+    Profile(ProfileArgs),
     /// Measure cold container start-up: overlayfs vs sluice, over a shaped network (root).
     Bench(BenchArgs),
 }
@@ -48,7 +51,7 @@ struct ConvertArgs {
     #[arg(long, value_enum, default_value = "estargz")]
     format: ConvertFormat,
     /// Files to put first: `entrypoint` (static analysis of the image's command), a
-    /// file with one absolute path per line, or `none`.
+    /// file with one absolute path per line (`sluice profile` writes one), or `none`.
     #[arg(long, default_value = "none")]
     prefetch: String,
     /// Largest uncompressed chunk of a file, in bytes.
@@ -165,6 +168,47 @@ struct InspectArgs {
 }
 
 #[derive(Args)]
+struct ProfileArgs {
+    /// Image reference (eStargz or zstd:chunked layers, so sluice mounts them).
+    reference: String,
+    /// Stop recording once the container prints this line on stdout.
+    #[arg(long)]
+    wait_line: Option<String>,
+    /// Stop recording (and kill the container) after this many seconds in any case.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Write the prefetch list here instead of to stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// sluice-snapshotter's socket.
+    #[arg(long, default_value = "/run/sluice/sluice.sock")]
+    snapshotter_socket: PathBuf,
+    /// containerd's gRPC socket.
+    #[arg(
+        long,
+        alias = "containerd-socket",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    address: PathBuf,
+    /// containerd namespace.
+    #[arg(
+        long,
+        short = 'n',
+        default_value = "default",
+        env = "CONTAINERD_NAMESPACE"
+    )]
+    namespace: String,
+    /// The snapshotter's name in containerd's config.
+    #[arg(long, default_value = "sluice")]
+    snapshotter: String,
+    /// containerd's `ctr` binary, used to run the container.
+    #[arg(long, default_value = "ctr")]
+    ctr: PathBuf,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Args)]
 struct PullArgs {
     /// Image reference; also the name of the image record in containerd.
     reference: String,
@@ -204,6 +248,7 @@ fn main() -> Result<()> {
         Command::Inspect(args) => runtime.block_on(inspect(args)),
         Command::Pull(args) => runtime.block_on(pull(args)),
         Command::Convert(args) => runtime.block_on(convert(args)),
+        Command::Profile(args) => runtime.block_on(profile(args)),
         Command::Bench(args) => bench(args),
     }
 }
@@ -352,6 +397,47 @@ async fn pull(args: PullArgs) -> Result<()> {
     Ok(())
 }
 
+async fn profile(args: ProfileArgs) -> Result<()> {
+    let options = sluice::profile::ProfileOptions {
+        pull: sluice::pull::PullOptions {
+            address: args.address,
+            namespace: args.namespace,
+            snapshotter: args.snapshotter,
+            platform: args.registry.platform.parse()?,
+            registry: RegistryOptions {
+                plain_http: args.registry.plain_http,
+                hosts_dir: Some(args.registry.hosts_dir),
+                docker_config: args.registry.docker_config,
+                ..RegistryOptions::default()
+            },
+            progress: false,
+        },
+        snapshotter_socket: args.snapshotter_socket,
+        wait_line: args.wait_line,
+        timeout: Duration::from_secs(args.timeout.max(1)),
+        ctr: args.ctr,
+    };
+    let report = sluice::profile::profile(&args.reference, &options, Arc::default()).await?;
+    let text = report.prefetch_file();
+    match &args.out {
+        Some(out) => std::fs::write(out, &text)
+            .with_context(|| format!("writing the prefetch list to {}", out.display()))?,
+        None => print!("{text}"),
+    }
+    eprintln!(
+        "{}: {}; {} files recorded, {} from the static list, {} in the prefetch list{}",
+        report.image,
+        report.end,
+        report.recorded.len(),
+        report.static_files.len(),
+        report.merged.len(),
+        args.out
+            .as_ref()
+            .map_or_else(String::new, |out| format!(" ({})", out.display()))
+    );
+    Ok(())
+}
+
 async fn inspect(args: InspectArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (client, image, resolved) = resolve(&args.registry, &args.reference, metrics).await?;
@@ -415,6 +501,12 @@ async fn convert(args: ConvertArgs) -> Result<()> {
     options.prefetch = match args.prefetch.as_str() {
         "none" => PrefetchSource::None,
         "entrypoint" => PrefetchSource::Entrypoint,
+        "record" => bail!(
+            "--prefetch record is done in two steps: convert with `--prefetch entrypoint` (or \
+             none) and push, record a run with `sluice profile IMAGE --out FILE` (needs \
+             containerd and sluice-snapshotter running; see docs/prefetch.md), then convert \
+             again with `--prefetch FILE`"
+        ),
         file => PrefetchSource::from_file(std::path::Path::new(file))?,
     };
     options.chunk_size = args.chunk_size;
