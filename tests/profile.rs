@@ -198,6 +198,38 @@ fn a_recorded_run_finds_files_static_analysis_cannot_and_convert_puts_them_first
         "{top:?}"
     );
     assert!(!top.contains(&"/data/never.txt".to_owned()), "{top:?}");
+
+    // `convert --prefetch record` does the three steps itself.
+    let auto_ref = format!("{host}/sluice/profile:auto");
+    sluice_ok(&[
+        "convert",
+        &format!("oci:{}", image.layout_dir.display()),
+        &auto_ref,
+        "--prefetch",
+        "record",
+        "--wait-line",
+        "ready",
+        "--timeout",
+        "120",
+        "--snapshotter-socket",
+        socket.to_str().unwrap(),
+        "--address",
+        address.to_str().unwrap(),
+        "--namespace",
+        NAMESPACE,
+    ]);
+    let layers = prefetched_per_layer(&auto_ref);
+    let top = &layers[2];
+    assert!(
+        position(top, "/usr/bin/start") < position(top, "/data/ab.txt"),
+        "{top:?}"
+    );
+    assert!(!top.contains(&"/data/never.txt".to_owned()), "{top:?}");
+    let images = rig.ctr(&["images", "ls", "-q"]);
+    assert!(
+        !images.lines().any(|l| l == auto_ref),
+        "the profiled intermediate image was left in containerd:\n{images}"
+    );
 }
 
 #[test]
@@ -220,7 +252,7 @@ fn profile_says_when_containerd_is_not_reachable() {
 }
 
 #[test]
-fn convert_prefetch_record_points_to_sluice_profile() {
+fn convert_prefetch_record_needs_a_registry_destination() {
     let dir = common::short_tempdir("sluice-prof-");
     let out = sluice(&[
         "convert",
@@ -231,6 +263,9 @@ fn convert_prefetch_record_points_to_sluice_profile() {
     ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("sluice profile"), "{stderr}");
+    assert!(
+        stderr.contains("registry") && stderr.contains("sluice profile"),
+        "{stderr}"
+    );
     assert!(!dir.path().join("dst").exists());
 }

@@ -81,6 +81,8 @@ pub enum RunEnd {
     WaitLine,
     /// The timeout passed; the container was killed.
     Timeout,
+    /// `sluice profile` got SIGINT; the container was killed.
+    Interrupted,
 }
 
 impl std::fmt::Display for RunEnd {
@@ -90,6 +92,7 @@ impl std::fmt::Display for RunEnd {
             RunEnd::Exited { code: None } => write!(f, "the container was killed by a signal"),
             RunEnd::WaitLine => write!(f, "the container printed the wait line"),
             RunEnd::Timeout => write!(f, "the timeout passed"),
+            RunEnd::Interrupted => write!(f, "interrupted"),
         }
     }
 }
@@ -112,6 +115,18 @@ pub struct ProfileReport {
 }
 
 impl ProfileReport {
+    /// One line: how the run ended and how many files each source gave.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}: {}; {} files recorded, {} in the static list, {} in the prefetch list",
+            self.image,
+            self.end,
+            self.recorded.len(),
+            self.static_files.len(),
+            self.merged.len()
+        )
+    }
+
     /// The prefetch file: `#` comments saying where it came from, then one absolute
     /// path per line (`sluice convert --prefetch FILE`).
     pub fn prefetch_file(&self) -> String {
@@ -178,6 +193,10 @@ pub enum ProfileError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{image}: interrupted; the container, its snapshot and the recording were removed, nothing was written"
+    )]
+    Interrupted { image: String },
     #[error(
         "{image}: the run read no file through sluice ({end}); ctr said:\n{stderr}\ncheck that the image runs with `ctr run --snapshotter {snapshotter}`"
     )]
@@ -264,9 +283,14 @@ pub async fn profile(
         .stop_recording(api::StopRecordingRequest { recording_id })
         .await
         .map_err(refused("StopRecording"));
+    remove_container(&container, options).await;
     let (end, stderr) = run?;
     let stopped = stopped?.into_inner();
-    remove_container(&container, options).await;
+    if end == RunEnd::Interrupted {
+        return Err(ProfileError::Interrupted {
+            image: pull.image.clone(),
+        });
+    }
 
     let recorded: Vec<RecordedAccess> = stopped
         .files
@@ -370,16 +394,23 @@ async fn run_container(
         // stdout closed: the container is gone; its status comes from wait below.
         None
     };
-    let ended = tokio::time::timeout(options.timeout, watch).await;
-    let end = match ended {
-        Ok(Some(end)) => end,
-        Ok(None) => match tokio::time::timeout(options.timeout, child.wait()).await {
-            Ok(status) => RunEnd::Exited {
-                code: status.ok().and_then(|s: ExitStatus| s.code()),
+    // One deadline for the whole run, however it is spent.
+    let deadline = tokio::time::Instant::now() + options.timeout;
+    let run = async {
+        match tokio::time::timeout_at(deadline, watch).await {
+            Ok(Some(end)) => end,
+            Ok(None) => match tokio::time::timeout_at(deadline, child.wait()).await {
+                Ok(status) => RunEnd::Exited {
+                    code: status.ok().and_then(|s: ExitStatus| s.code()),
+                },
+                Err(_) => RunEnd::Timeout,
             },
             Err(_) => RunEnd::Timeout,
-        },
-        Err(_) => RunEnd::Timeout,
+        }
+    };
+    let end = tokio::select! {
+        end = run => end,
+        _ = tokio::signal::ctrl_c() => RunEnd::Interrupted,
     };
     if !matches!(end, RunEnd::Exited { .. }) {
         let _ = ctr(options, &["task", "kill", "--signal", "SIGKILL", container])
@@ -399,6 +430,21 @@ async fn run_container(
         None => String::new(),
     };
     Ok((end, stderr))
+}
+
+/// Remove the image record `image` from containerd (its snapshots are then collected
+/// by containerd). Failure is only logged: the record is harmless, merely stale.
+pub async fn remove_image(image: &str, options: &ProfileOptions) {
+    let outcome = ctr(options, &["images", "rm", image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    tracing::debug!(
+        image,
+        ?outcome,
+        "removed the profiled image from containerd"
+    );
 }
 
 /// `ctr run --rm` removes the container and its snapshot when it returns normally;
@@ -452,16 +498,24 @@ async fn static_list(
     })?;
     let mut layers: Vec<OpenedLayer> = Vec::with_capacity(resolved.layers.len());
     for descriptor in &resolved.layers {
-        layers.push(
-            open_remote_layer(
-                &client,
-                reference,
-                resolved.reference.repository(),
-                descriptor,
-                None,
-            )
-            .await?,
-        );
+        match open_remote_layer(
+            &client,
+            reference,
+            resolved.reference.repository(),
+            descriptor,
+            None,
+        )
+        .await
+        {
+            Ok(opened) => layers.push(opened),
+            // The analysis needs every layer's files; the recording alone still
+            // covers the layers sluice mounts.
+            Err(LayerError::NotChunked { .. }) => {
+                tracing::warn!(image = reference, layer = %descriptor.digest, "layer is not eStargz / zstd:chunked; the list has the recorded files only, no static ones");
+                return Ok(Vec::new());
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
     let scratch = tempfile::tempdir().map_err(|e| ProfileError::Cache {
         image: reference.to_owned(),
