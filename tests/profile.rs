@@ -150,6 +150,7 @@ fn a_recorded_run_finds_files_static_analysis_cannot_and_convert_puts_them_first
         rig.snapshotter.log()
     );
     assert!(stderr.contains("printed the wait line"), "{stderr}");
+    eprintln!("{stderr}");
     let text = std::fs::read_to_string(&list_path).expect("profile wrote the list");
     let list: Vec<String> = text
         .lines()
