@@ -51,6 +51,87 @@ impl Rig {
     }
 }
 
+/// The recording hook of one FUSE mount, without containerd: opens and reads count,
+/// each file once, in order, also when the page cache serves the content; stat,
+/// listings and symlinks do not; other layers and times outside a recording do not.
+#[test]
+fn a_mount_records_first_opens_and_reads_only_while_recording() {
+    use sluice::cache::testing::{LayerBuilder, MemoryBlobSource};
+    use sluice::cache::{CacheOptions, ChunkCache, Layer};
+    use sluice::digest::Digest;
+    use sluice::format::LayerFormat;
+    use sluice::fs::{FsOptions, mount_layer};
+    use sluice::profile::Recorder;
+    use sluice::registry::BlobSource;
+    use std::sync::Arc;
+
+    assert!(
+        common::have_root_and_fuse(),
+        "integration tests need root and /dev/fuse"
+    );
+    let mut builder = LayerBuilder::new(LayerFormat::Estargz);
+    builder.file("a", 0o644, b"first file", 4096);
+    builder.file("b", 0o644, b"second file", 4096);
+    builder.dir("d", 0o755);
+    builder.file("d/c", 0o644, b"third file", 4096);
+    builder.symlink("link", "a");
+    let (index, blob) = builder.build();
+    let source = Arc::new(MemoryBlobSource::new(blob));
+    let digest = source.digest().clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let mountpoint = tempfile::tempdir().unwrap();
+    let cache = ChunkCache::open(
+        CacheOptions {
+            dir: cache_dir.path().to_path_buf(),
+            ..CacheOptions::default()
+        },
+        Arc::default(),
+    )
+    .unwrap();
+    let recorder = Arc::new(Recorder::new());
+    let mount = mount_layer(
+        Layer::new("test.local/profile sha256:layer", Arc::new(index), source),
+        cache,
+        runtime.handle().clone(),
+        mountpoint.path(),
+        FsOptions {
+            recorder: Some(Arc::clone(&recorder)),
+            ..FsOptions::default()
+        },
+    )
+    .expect("mounting needs root and /dev/fuse");
+    let path = |name: &str| mountpoint.path().join(name);
+
+    // Read before any recording: the page cache then holds it.
+    assert_eq!(std::fs::read(path("a")).unwrap(), b"first file");
+    let other = recorder
+        .start(vec![Digest::sha256_of(b"another layer")])
+        .unwrap();
+    let id = recorder.start(vec![digest]).unwrap();
+    std::fs::metadata(path("b")).unwrap();
+    std::fs::read_dir(mountpoint.path()).unwrap().for_each(drop);
+    std::fs::read_link(path("link")).unwrap();
+    assert_eq!(std::fs::read(path("d/c")).unwrap(), b"third file");
+    assert_eq!(std::fs::read(path("link")).unwrap(), b"first file");
+    assert_eq!(std::fs::read(path("d/c")).unwrap(), b"third file");
+    drop(std::fs::File::open(path("b")).unwrap());
+    let recording = recorder.stop(id).unwrap();
+    let other = recorder.stop(other).unwrap();
+    // Outside a recording nothing is kept.
+    std::fs::read(path("b")).unwrap();
+    mount.unmount().unwrap();
+
+    let paths: Vec<&str> = recording.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, vec!["/d/c", "/a", "/b"]);
+    assert!(other.files.is_empty(), "{other:?}");
+    assert!(!recorder.is_recording());
+}
+
 fn sluice(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
