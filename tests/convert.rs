@@ -651,3 +651,148 @@ fn footers_match_ctr_remote_fixtures_byte_for_byte() {
         }
     }
 }
+
+/// Writes `doc` as a blob of `layout`; returns its descriptor fields.
+fn write_json_blob(layout: &Path, doc: &Value) -> (String, usize) {
+    let bytes = serde_json::to_vec(doc).unwrap();
+    let digest = Digest::sha256_of(&bytes).to_string();
+    std::fs::write(blob(layout, &digest), &bytes).unwrap();
+    (digest, bytes.len())
+}
+
+/// A two-platform layout: linux/amd64 is the busybox image, linux/arm64 the `app`
+/// image (its bytes do not matter to conversion, only that they differ).
+fn multi_platform_layout(dir: &Path) -> (Value, Value) {
+    let amd64 = build_image("busybox");
+    let arm64 = build_image("app");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&amd64.layout_dir)
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for entry in std::fs::read_dir(arm64.layout_dir.join("blobs/sha256")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(
+            entry.path(),
+            dir.join("blobs/sha256").join(entry.file_name()),
+        )
+        .unwrap();
+    }
+    let amd64_manifest = layout_manifest(&amd64.layout_dir);
+    let mut arm64_manifest = layout_manifest(&arm64.layout_dir);
+    let mut config = read_json(&blob(
+        dir,
+        arm64_manifest["config"]["digest"].as_str().unwrap(),
+    ));
+    config["architecture"] = "arm64".into();
+    let (config_digest, config_size) = write_json_blob(dir, &config);
+    arm64_manifest["config"]["digest"] = config_digest.into();
+    arm64_manifest["config"]["size"] = config_size.into();
+    let (amd64_digest, amd64_size) = write_json_blob(dir, &amd64_manifest);
+    let (arm64_digest, arm64_size) = write_json_blob(dir, &arm64_manifest);
+    let platform_index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd64_digest,
+             "size": amd64_size, "platform": {"architecture": "amd64", "os": "linux"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm64_digest,
+             "size": arm64_size, "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
+        ],
+    });
+    let (index_digest, index_size) = write_json_blob(dir, &platform_index);
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest,
+            "size": index_size, "annotations": {"org.opencontainers.image.ref.name": "multi"},
+        }],
+    });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    (amd64_manifest, arm64_manifest)
+}
+
+/// Checks that `converted` (a manifest in layout `dst`) is `original` (in `src`)
+/// converted to eStargz, layer by layer.
+fn assert_converted_manifest(src: &Path, original: &Value, dst: &Path, converted: &Value) {
+    let layers = converted["layers"].as_array().unwrap();
+    let originals = layer_digests(original);
+    assert_eq!(layers.len(), originals.len());
+    for (i, (old, new)) in originals.iter().zip(layers).enumerate() {
+        let path = blob(dst, new["digest"].as_str().unwrap());
+        assert_eq!(read_index(&path, new).format, LayerFormat::Estargz);
+        assert_same_tree(&blob(src, old), &path, &format!("layer {i}"));
+    }
+}
+
+#[test]
+fn multi_platform_indexes_convert_per_platform() {
+    let scratch = tempfile::tempdir().unwrap();
+    let src = scratch.path().join("src");
+    let (amd64, arm64) = multi_platform_layout(&src);
+    let source = format!("oci:{}:multi", src.display());
+
+    // Every platform: the result is an index with one converted manifest per platform,
+    // each keeping its platform and its own config.
+    let all = scratch.path().join("all");
+    convert_ok(&[
+        &source,
+        &format!("oci:{}", all.display()),
+        "--all-platforms",
+        "--compression-level",
+        "1",
+    ]);
+    let top = read_json(&all.join("index.json"));
+    let index = read_json(&blob(&all, top["manifests"][0]["digest"].as_str().unwrap()));
+    assert_eq!(
+        index["mediaType"], "application/vnd.oci.image.index.v1+json",
+        "{index}"
+    );
+    let entries = index["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{index}");
+    for (entry, (arch, original)) in entries.iter().zip([("amd64", &amd64), ("arm64", &arm64)]) {
+        assert_eq!(entry["platform"]["architecture"], arch, "{index}");
+        let manifest = read_json(&blob(&all, entry["digest"].as_str().unwrap()));
+        let config = read_json(&blob(&all, manifest["config"]["digest"].as_str().unwrap()));
+        assert_eq!(config["architecture"], arch);
+        assert_converted_manifest(&src, original, &all, &manifest);
+    }
+    assert_eq!(entries[1]["platform"]["variant"], "v8");
+
+    // One platform: a single manifest, the chosen one.
+    let one = scratch.path().join("one");
+    convert_ok(&[
+        &source,
+        &format!("oci:{}", one.display()),
+        "--platform",
+        "linux/arm64",
+        "--compression-level",
+        "1",
+    ]);
+    let manifest = layout_manifest(&one);
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_converted_manifest(&src, &arm64, &one, &manifest);
+
+    // A platform the index does not have: an error that lists what it has, no output.
+    let none = scratch.path().join("none");
+    let out = sluice(&[
+        "convert",
+        &source,
+        &format!("oci:{}", none.display()),
+        "--platform",
+        "linux/s390x",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("linux/s390x") && stderr.contains("linux/arm64"),
+        "{stderr}"
+    );
+    assert!(!none.exists());
+}
