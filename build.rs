@@ -1,4 +1,5 @@
-//! Generates the containerd snapshots gRPC API (client and server) from proto/.
+//! Generates the containerd snapshots gRPC API and sluice's own API (client and
+//! server) from proto/.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
@@ -9,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/containerd/types/mount.proto",
                 "proto/containerd/services/snapshots/v1/snapshots.proto",
+                "proto/sluice/v1/profiler.proto",
             ],
             &["proto"],
         )?;

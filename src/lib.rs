@@ -14,6 +14,7 @@
 //! | [`convert`]  | `sluice convert`: rewrite an image's layers as eStargz / zstd:chunked with prefetch-ordered files; OCI layouts and registries (push). |
 //! | [`config`]   | TOML configuration shared by the daemon and the CLI. |
 //! | [`prefetch`] | static prefetch lists: the files a container's start reads, from the image rootfs and config ([`prefetch::analyze_entrypoint`]). |
+//! | [`profile`]  | `sluice profile`: record the files one run of an image reads (the daemon's [`profile::Recorder`] and `sluice.v1.Profiler` service) and merge them with the static list into a prefetch file. |
 //! | [`pull`]     | `sluice pull`: pulls an image into containerd through its gRPC API, letting the snapshotter mount layers lazily and downloading only the others. |
 //! | [`metrics`]  | counters in Prometheus text format. |
 //! | [`bench`]    | `sluice bench`: cold container start-up latency through containerd over a shaped network. |
@@ -44,6 +45,7 @@ pub mod layer;
 pub mod lazy;
 pub mod metrics;
 pub mod prefetch;
+pub mod profile;
 pub mod pull;
 pub mod registry;
 pub mod snapshot;

@@ -200,11 +200,36 @@ def demo_layers():
     return layers + [assets], config
 
 
+def profile_layers():
+    """busybox plus a start script that reads a file whose name is computed at run time,
+    which static analysis cannot find but a recorded run (`sluice profile`) sees."""
+    layers, _ = busybox_layers()
+    start = (b"#!/bin/sh\n"
+             b"cat /data/$(echo a)b.txt\n"
+             b"echo ready\n"
+             b"exec sleep 600\n")
+    app = [
+        d("data"),
+        f("data/ab.txt", b"read at run time\n"),
+        f("data/never.txt", b"never read\n"),
+        d("usr"),
+        d("usr/bin"),
+        f("usr/bin/start", start, mode=0o755),
+    ]
+    config = {
+        "Entrypoint": ["/usr/bin/start"],
+        "Env": ["PATH=/usr/bin:/bin"],
+        "WorkingDir": "/",
+    }
+    return layers + [app], config
+
+
 IMAGES = {
     "everything": everything_layers,
     "busybox": busybox_layers,
     "app": app_layers,
     "demo": demo_layers,
+    "profile": profile_layers,
 }
 
 # ---------------------------------------------------------------------------

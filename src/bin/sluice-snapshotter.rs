@@ -10,6 +10,7 @@ use sluice::config::{Config, DEFAULT_CONFIG_PATH};
 use sluice::fs::FsOptions;
 use sluice::lazy::{LazyLayers, LazyOptions};
 use sluice::metrics::Metrics;
+use sluice::profile::{ProfilerService, Recorder};
 use sluice::registry::{Platform, RegistryClient, RegistryOptions};
 use sluice::snapshot::{OverlaySnapshotter, SnapshotService};
 use tokio::net::UnixListener;
@@ -87,7 +88,13 @@ fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let root = &config.daemon.root;
     let metrics = Arc::new(Metrics::default());
-    let lazy = Arc::new(lazy_layers(&config, Arc::clone(&metrics))?);
+    // Shared by every FUSE mount and the Profiler service (`sluice profile`).
+    let recorder = Arc::new(Recorder::new());
+    let lazy = Arc::new(lazy_layers(
+        &config,
+        Arc::clone(&metrics),
+        Arc::clone(&recorder),
+    )?);
     let snapshotter = Arc::new(
         OverlaySnapshotter::open(root, lazy)
             .await
@@ -98,7 +105,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let listener = bind(&config.daemon.socket)?;
-    tracing::info!(root = %root.display(), socket = %config.daemon.socket.display(), "serving containerd snapshots API");
+    tracing::info!(root = %root.display(), socket = %config.daemon.socket.display(), "serving containerd snapshots API and sluice.v1.Profiler");
 
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -110,6 +117,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let served = tonic::transport::Server::builder()
         .add_service(SnapshotService::new(Arc::clone(&snapshotter)).into_server())
+        .add_service(ProfilerService::new(recorder).into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     snapshotter.shutdown().await;
@@ -145,7 +153,11 @@ async fn serve_metrics(
 }
 
 /// The registry client, chunk cache and FUSE settings behind remote snapshots.
-fn lazy_layers(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<LazyLayers> {
+fn lazy_layers(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    recorder: Arc<Recorder>,
+) -> anyhow::Result<LazyLayers> {
     let registry = &config.registry;
     let client = RegistryClient::new(
         RegistryOptions {
@@ -178,6 +190,7 @@ fn lazy_layers(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<LazyLay
         LazyOptions {
             fs: FsOptions {
                 read_timeout: config.fs.read_timeout(),
+                recorder: Some(recorder),
                 ..FsOptions::default()
             },
             stream: config.fs.background_fetch.then(|| StreamOptions {

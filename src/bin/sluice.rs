@@ -34,6 +34,9 @@ enum Command {
     Pull(PullArgs),
     /// Convert an image's layers to eStargz or zstd:chunked, prefetched files first.
     Convert(ConvertArgs),
+    /// Run an image once through containerd and sluice-snapshotter, recording the files
+    /// it reads, and write a prefetch list for `sluice convert --prefetch FILE`.
+    Profile(ProfileArgs),
     /// Measure cold container start-up: overlayfs vs sluice, over a shaped network (root).
     Bench(BenchArgs),
 }
@@ -48,7 +51,10 @@ struct ConvertArgs {
     #[arg(long, value_enum, default_value = "estargz")]
     format: ConvertFormat,
     /// Files to put first: `entrypoint` (static analysis of the image's command), a
-    /// file with one absolute path per line, or `none`.
+    /// file with one absolute path per line (`sluice profile` writes one), `record`
+    /// (convert with `entrypoint`, run DST once through containerd and
+    /// sluice-snapshotter recording what it reads, convert again with the merged
+    /// list; DST must be a registry), or `none`.
     #[arg(long, default_value = "none")]
     prefetch: String,
     /// Largest uncompressed chunk of a file, in bytes.
@@ -66,6 +72,9 @@ struct ConvertArgs {
     /// Directory for temp files (downloaded and decompressed layers).
     #[arg(long)]
     temp_dir: Option<PathBuf>,
+    /// With `--prefetch record`: how the recorded run of DST is made.
+    #[command(flatten)]
+    run: RecordedRunArgs,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -165,6 +174,79 @@ struct InspectArgs {
 }
 
 #[derive(Args)]
+struct ProfileArgs {
+    /// Image reference (eStargz or zstd:chunked layers, so sluice mounts them).
+    reference: String,
+    /// Write the prefetch list here instead of to stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RecordedRunArgs,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// How `sluice profile` (and `convert --prefetch record`) reach containerd and
+/// sluice-snapshotter, and when the recorded run ends.
+#[derive(Args)]
+struct RecordedRunArgs {
+    /// Stop recording once the container prints this line on stdout.
+    #[arg(long)]
+    wait_line: Option<String>,
+    /// Stop recording (and kill the container) after this many seconds in any case.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// sluice-snapshotter's socket.
+    #[arg(long, default_value = "/run/sluice/sluice.sock")]
+    snapshotter_socket: PathBuf,
+    /// containerd's gRPC socket.
+    #[arg(
+        long,
+        alias = "containerd-socket",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    address: PathBuf,
+    /// containerd namespace.
+    #[arg(
+        long,
+        short = 'n',
+        default_value = "default",
+        env = "CONTAINERD_NAMESPACE"
+    )]
+    namespace: String,
+    /// The snapshotter's name in containerd's config.
+    #[arg(long, default_value = "sluice")]
+    snapshotter: String,
+    /// containerd's `ctr` binary, used to run the container.
+    #[arg(long, default_value = "ctr")]
+    ctr: PathBuf,
+}
+
+impl RecordedRunArgs {
+    fn options(self, registry: &RegistryArgs) -> Result<sluice::profile::ProfileOptions> {
+        Ok(sluice::profile::ProfileOptions {
+            pull: sluice::pull::PullOptions {
+                address: self.address,
+                namespace: self.namespace,
+                snapshotter: self.snapshotter,
+                platform: registry.platform.parse()?,
+                registry: RegistryOptions {
+                    plain_http: registry.plain_http,
+                    hosts_dir: Some(registry.hosts_dir.clone()),
+                    docker_config: registry.docker_config.clone(),
+                    ..RegistryOptions::default()
+                },
+                progress: false,
+            },
+            snapshotter_socket: self.snapshotter_socket,
+            wait_line: self.wait_line,
+            timeout: Duration::from_secs(self.timeout.max(1)),
+            ctr: self.ctr,
+        })
+    }
+}
+
+#[derive(Args)]
 struct PullArgs {
     /// Image reference; also the name of the image record in containerd.
     reference: String,
@@ -204,6 +286,7 @@ fn main() -> Result<()> {
         Command::Inspect(args) => runtime.block_on(inspect(args)),
         Command::Pull(args) => runtime.block_on(pull(args)),
         Command::Convert(args) => runtime.block_on(convert(args)),
+        Command::Profile(args) => runtime.block_on(profile(args)),
         Command::Bench(args) => bench(args),
     }
 }
@@ -352,6 +435,25 @@ async fn pull(args: PullArgs) -> Result<()> {
     Ok(())
 }
 
+async fn profile(args: ProfileArgs) -> Result<()> {
+    let options = args.run.options(&args.registry)?;
+    let report = sluice::profile::profile(&args.reference, &options, Arc::default()).await?;
+    let text = report.prefetch_file();
+    match &args.out {
+        Some(out) => std::fs::write(out, &text)
+            .with_context(|| format!("writing the prefetch list to {}", out.display()))?,
+        None => print!("{text}"),
+    }
+    eprintln!(
+        "{}{}",
+        report.summary(),
+        args.out
+            .as_ref()
+            .map_or_else(String::new, |out| format!(" ({})", out.display()))
+    );
+    Ok(())
+}
+
 async fn inspect(args: InspectArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (client, image, resolved) = resolve(&args.registry, &args.reference, metrics).await?;
@@ -411,10 +513,19 @@ async fn convert(args: ConvertArgs) -> Result<()> {
     };
     let src: ImageLocation = args.src.parse()?;
     let dst: ImageLocation = args.dst.parse()?;
+    let record = args.prefetch == "record";
+    if record && (!matches!(dst, ImageLocation::Registry(_)) || args.all_platforms) {
+        bail!(
+            "--prefetch record runs DST through containerd, which pulls it from a registry: \
+             DST must be a registry reference and --all-platforms cannot be used (convert to \
+             a registry, or record with `sluice profile` and pass its list with --prefetch FILE)"
+        );
+    }
     let mut options = ConvertOptions::new(format);
     options.prefetch = match args.prefetch.as_str() {
         "none" => PrefetchSource::None,
         "entrypoint" => PrefetchSource::Entrypoint,
+        "record" => PrefetchSource::Entrypoint,
         file => PrefetchSource::from_file(std::path::Path::new(file))?,
     };
     options.chunk_size = args.chunk_size;
@@ -437,7 +548,20 @@ async fn convert(args: ConvertArgs) -> Result<()> {
         },
         Arc::new(Metrics::default()),
     )?;
-    let report = convert_image(&client, &src, &dst, &options).await?;
+    let mut report = convert_image(&client, &src, &dst, &options).await?;
+    if record {
+        let run = args.run.options(&args.registry)?;
+        let recorded = sluice::profile::profile(&dst.to_string(), &run, Arc::default())
+            .await
+            .with_context(|| {
+                format!("{dst} was converted with the static list but its run was not recorded")
+            })?;
+        eprintln!("{}", recorded.summary());
+        // The image record points at the converted image about to be replaced.
+        sluice::profile::remove_image(&recorded.image, &run).await;
+        options.prefetch = PrefetchSource::Files(recorded.merged.clone());
+        report = convert_image(&client, &src, &dst, &options).await?;
+    }
     for manifest in &report.manifests {
         let platform = manifest
             .platform

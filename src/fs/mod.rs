@@ -32,6 +32,7 @@ use self::tree::{Node, OPAQUE_XATTRS, Tree};
 use crate::cache::{ChunkCache, Layer};
 use crate::format::{EntryId, EntryKind};
 use crate::metrics::Metrics;
+use crate::profile::Recorder;
 use crate::registry::FetchPriority;
 
 /// How a layer is mounted.
@@ -53,6 +54,9 @@ pub struct FsOptions {
     /// straight from the cache file (FUSE passthrough, Linux 6.9+), when the kernel
     /// offers it. Such reads never reach sluice.
     pub passthrough: bool,
+    /// Told about every open and read of a regular file while it records (see
+    /// `sluice profile`); checking it costs one atomic load when it does not.
+    pub recorder: Option<Arc<Recorder>>,
 }
 
 impl Default for FsOptions {
@@ -65,6 +69,7 @@ impl Default for FsOptions {
             max_readahead: 4 << 20,
             allow_devices_and_setuid: true,
             passthrough: true,
+            recorder: None,
         }
     }
 }
@@ -385,6 +390,23 @@ impl LayerFs {
         }
     }
 
+    /// Tells an active recording that `node`'s file was opened or read.
+    #[inline]
+    fn note_access(&self, node: &Node) {
+        if let Some(recorder) = &self.options.recorder
+            && recorder.is_recording()
+            && node.attr.kind == FileType::RegularFile
+        {
+            let layer = &self.read.layer;
+            let name = layer
+                .index()
+                .entries
+                .get(node.entry.0 as usize)
+                .map_or("", |e| e.name.as_str());
+            recorder.record(layer.source().digest(), node.entry, name);
+        }
+    }
+
     fn node(&self, ino: INodeNo) -> Result<&Node, Errno> {
         self.tree.node(ino).ok_or(Errno::ENOENT)
     }
@@ -502,6 +524,7 @@ impl Filesystem for LayerFs {
             Ok(node) if node.attr.kind == FileType::Directory => reply.error(Errno::EISDIR),
             Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => reply.error(Errno::EROFS),
             Ok(node) => {
+                self.note_access(node);
                 if self.open_mode(node, &reply) {
                     let table = self.backing_table();
                     let backing = table.get(&node.attr.ino).and_then(|o| o.backing.as_ref());
@@ -560,6 +583,7 @@ impl Filesystem for LayerFs {
             Ok(_) => return reply.error(Errno::EINVAL),
             Err(e) => return reply.error(e),
         };
+        self.note_access(node);
         let entry = node.entry;
         let ctx = &self.read;
         match ctx.cache.read_file_cached(&ctx.layer, entry, offset, size) {
