@@ -123,8 +123,13 @@ impl LazyLayers {
         self.store_dir.join(format!("{}.layer.json", layer.hex()))
     }
 
-    async fn resolve(&self, image: &str) -> Result<Arc<ResolvedImage>, LazyLayerError> {
-        if let Some(resolved) = self.images_lock().get(image) {
+    /// The image behind `image`, from the map unless `fresh`.
+    async fn resolve(
+        &self,
+        image: &str,
+        fresh: bool,
+    ) -> Result<Arc<ResolvedImage>, LazyLayerError> {
+        if !fresh && let Some(resolved) = self.images_lock().get(image) {
             return Ok(Arc::clone(resolved));
         }
         let registry_error = |source| LazyLayerError::Registry {
@@ -157,7 +162,17 @@ impl LazyLayers {
         &self,
         request: &RemoteLayerRequest,
     ) -> Result<Option<RemoteMount>, LazyLayerError> {
-        let resolved = self.resolve(&request.image_ref).await?;
+        let has_layer = |resolved: &ResolvedImage| {
+            resolved
+                .layers
+                .iter()
+                .any(|layer| layer.digest.as_str() == request.layer_digest)
+        };
+        let mut resolved = self.resolve(&request.image_ref, false).await?;
+        if !has_layer(&resolved) {
+            // The tag may have been pushed again since it was resolved.
+            resolved = self.resolve(&request.image_ref, true).await?;
+        }
         let descriptor = resolved
             .layers
             .iter()

@@ -831,3 +831,63 @@ fn index_reference_is_recorded_with_the_index_as_target() {
         BUSYBOX_OUTPUT
     );
 }
+
+/// Copies `from` to `to` in the registry with skopeo (a tag pushed again).
+fn retag(from: &str, to: &str) {
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            &format!("docker://{from}"),
+            &format!("docker://{to}"),
+        ])
+        .output()
+        .expect("skopeo must be installed");
+    assert!(
+        out.status.success(),
+        "skopeo copy {from} {to}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_tag_pushed_again_is_mounted_lazily_again() {
+    if skip_without_root() {
+        return;
+    }
+    let rig = Rig::start();
+    let first = publish(
+        &rig.containerd,
+        &rig.registry,
+        "busybox",
+        ImageFormat::Estargz,
+    );
+    let second = publish(
+        &rig.containerd,
+        &rig.registry,
+        "app",
+        ImageFormat::ZstdChunked,
+    );
+    let moving = format!("{}/sluice/moving:latest", rig.registry.host());
+    for (round, image) in [&first, &second].into_iter().enumerate() {
+        retag(&image.reference, &moving);
+        let layers = image.layers.len();
+        let summary = rig.pull_ok(&moving);
+        // The daemon resolved the tag in the first round; the second one's new layers
+        // must still be found and mounted, not downloaded.
+        assert!(
+            summary.contains(&format!(
+                "{layers} layers: {layers} mounted lazily, 0 downloaded"
+            )),
+            "round {round}: {summary}\nsnapshotter log:\n{}",
+            rig.snapshotter.log()
+        );
+        assert_eq!(
+            rig.run_container(&moving, &format!("moving-{round}"))
+                .trim(),
+            BUSYBOX_OUTPUT,
+        );
+    }
+}
