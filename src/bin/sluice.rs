@@ -199,24 +199,8 @@ struct RecordedRunArgs {
     /// sluice-snapshotter's socket.
     #[arg(long, default_value = "/run/sluice/sluice.sock")]
     snapshotter_socket: PathBuf,
-    /// containerd's gRPC socket.
-    #[arg(
-        long,
-        alias = "containerd-socket",
-        default_value = "/run/containerd/containerd.sock"
-    )]
-    address: PathBuf,
-    /// containerd namespace.
-    #[arg(
-        long,
-        short = 'n',
-        default_value = "default",
-        env = "CONTAINERD_NAMESPACE"
-    )]
-    namespace: String,
-    /// The snapshotter's name in containerd's config.
-    #[arg(long, default_value = "sluice")]
-    snapshotter: String,
+    #[command(flatten)]
+    containerd: ContainerdArgs,
     /// containerd's `ctr` binary, used to run the container.
     #[arg(long, default_value = "ctr")]
     ctr: PathBuf,
@@ -226,9 +210,9 @@ impl RecordedRunArgs {
     fn options(self, registry: &RegistryArgs) -> Result<sluice::profile::ProfileOptions> {
         Ok(sluice::profile::ProfileOptions {
             pull: sluice::pull::PullOptions {
-                address: self.address,
-                namespace: self.namespace,
-                snapshotter: self.snapshotter,
+                address: self.containerd.address,
+                namespace: self.containerd.namespace,
+                snapshotter: self.containerd.snapshotter,
                 platform: registry.platform.parse()?,
                 registry: RegistryOptions {
                     plain_http: registry.plain_http,
@@ -250,8 +234,21 @@ impl RecordedRunArgs {
 struct PullArgs {
     /// Image reference; also the name of the image record in containerd.
     reference: String,
+    #[command(flatten)]
+    containerd: ContainerdArgs,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Which containerd, namespace and snapshotter a command works with.
+#[derive(Args)]
+struct ContainerdArgs {
     /// containerd's gRPC socket.
-    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    #[arg(
+        long,
+        alias = "containerd-socket",
+        default_value = "/run/containerd/containerd.sock"
+    )]
     address: PathBuf,
     /// containerd namespace.
     #[arg(
@@ -261,11 +258,9 @@ struct PullArgs {
         env = "CONTAINERD_NAMESPACE"
     )]
     namespace: String,
-    /// Snapshotter to unpack with, as named in containerd's config.
+    /// The snapshotter to unpack with, as named in containerd's config.
     #[arg(long, default_value = "sluice")]
     snapshotter: String,
-    #[command(flatten)]
-    registry: RegistryArgs,
 }
 
 fn main() -> Result<()> {
@@ -418,9 +413,9 @@ async fn wait_for_signal() -> Result<()> {
 
 async fn pull(args: PullArgs) -> Result<()> {
     let options = sluice::pull::PullOptions {
-        address: args.address,
-        namespace: args.namespace,
-        snapshotter: args.snapshotter,
+        address: args.containerd.address,
+        namespace: args.containerd.namespace,
+        snapshotter: args.containerd.snapshotter,
         platform: args.registry.platform.parse()?,
         registry: RegistryOptions {
             plain_http: args.registry.plain_http,

@@ -48,7 +48,7 @@ use crate::prefetch::{
     ImageConfigInfo, ImagePath, LayerPosition, LayerStackView, analyze_entrypoint,
     layer_entries_from_index,
 };
-use crate::pull::{LayerOutcome, PullError, PullOptions, PullSummary};
+use crate::pull::{LayerOutcome, PullError, PullOptions, PullSummary, error_chain};
 use crate::registry::{FetchPriority, ImageReference, RegistryClient, RegistryError};
 
 /// Bytes of a container's stderr (from `ctr`) kept for error messages.
@@ -323,17 +323,6 @@ pub async fn profile(
         merged,
         end,
     })
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn ctr(options: &ProfileOptions, args: &[&str]) -> Command {

@@ -66,20 +66,7 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
 /// One blocking HTTP/1.1 GET without any client library, used for readiness probes and
 /// log markers. Returns the status code.
 pub fn http_get_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no HTTP status line from {addr}")))
+    http_get(addr, path).map(|(status, _)| status)
 }
 
 /// `GET path` over plain HTTP/1.1: the status code and the body.
