@@ -90,6 +90,9 @@ pub struct CacheConfig {
     pub dir: Option<PathBuf>,
     /// Bytes of hot chunks kept in memory.
     pub memory_bytes: u64,
+    /// Bytes of chunks kept on disk before the least recently used are removed;
+    /// 0 means no limit.
+    pub disk_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -97,7 +100,15 @@ impl Default for CacheConfig {
         Self {
             dir: None,
             memory_bytes: 256 * 1024 * 1024,
+            disk_bytes: 0,
         }
+    }
+}
+
+impl CacheConfig {
+    /// The disk limit, `None` when unlimited.
+    pub fn disk_limit(&self) -> Option<u64> {
+        (self.disk_bytes > 0).then_some(self.disk_bytes)
     }
 }
 
@@ -331,6 +342,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_documented_example_is_the_defaults() {
+        let doc = include_str!("../docs/configuration.md");
+        let example = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/configuration.md has a toml example");
+        let parsed: Config = toml::from_str(example).expect("the documented example parses");
+        assert_eq!(parsed, Config::default());
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -178,6 +178,7 @@ fn lazy_layers(
         CacheOptions {
             dir: cache_dir.clone(),
             memory_bytes: config.cache.memory_bytes,
+            disk_bytes: config.cache.disk_limit(),
             ..CacheOptions::default()
         },
         metrics,

@@ -47,6 +47,8 @@ pub struct CacheOptions {
     pub shards: usize,
     /// Largest single range request built by joining adjacent chunks.
     pub max_coalesced_bytes: u64,
+    /// Upper bound on chunk bytes kept on disk; `None` is unbounded.
+    pub disk_bytes: Option<u64>,
 }
 
 impl Default for CacheOptions {
@@ -56,6 +58,7 @@ impl Default for CacheOptions {
             memory_bytes: 256 << 20,
             shards: 16,
             max_coalesced_bytes: 4 << 20,
+            disk_bytes: None,
         }
     }
 }
@@ -317,10 +320,11 @@ impl ChunkCache {
                 reason: "max_coalesced_bytes must be positive",
             });
         }
-        let disk = DiskStore::open(&options.dir).map_err(|e| CacheError::OpenDir {
-            dir: options.dir.clone(),
-            source: Arc::new(e),
-        })?;
+        let disk =
+            DiskStore::open(&options.dir, options.disk_bytes).map_err(|e| CacheError::OpenDir {
+                dir: options.dir.clone(),
+                source: Arc::new(e),
+            })?;
         let shards = options.shards.max(1);
         Ok(Arc::new(Self {
             memory: MemoryCache::new(options.memory_bytes, shards),

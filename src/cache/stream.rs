@@ -133,6 +133,16 @@ async fn run(
             bytes += wanted[end].chunk.compressed_size;
             end += 1;
         }
+        let unpacked: u64 = wanted[start..end].iter().map(|w| w.chunk.size).sum();
+        if !cache.disk.has_room_for(unpacked) {
+            // Streaming on would only push out chunks that containers read.
+            tracing::info!(
+                layer = %layer.label,
+                used = cache.disk.used_bytes(),
+                "disk cache at its limit (cache.disk_bytes): background streaming of this layer stops; the rest is fetched when read"
+            );
+            break;
+        }
         cache.on_demand_quiet().await;
         tokio::time::sleep_until(next_allowed).await;
         let before = cache

@@ -1,6 +1,6 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::testing::{LayerBuilder, MemoryBlobSource, SourceBehavior, pseudo_random_bytes};
 use super::*;
@@ -498,4 +498,95 @@ async fn dropping_the_stream_handle_stops_streaming() {
 fn empty_dir_is_rejected() {
     let err = ChunkCache::open(CacheOptions::default(), Arc::new(Metrics::default())).unwrap_err();
     assert!(matches!(err, CacheError::InvalidOptions { .. }));
+}
+
+/// Bytes of chunk files under the cache's `chunks/`.
+fn chunk_bytes_on_disk(dir: &Path) -> u64 {
+    let mut total = 0;
+    for fanout in std::fs::read_dir(dir.join("chunks")).unwrap().flatten() {
+        for file in std::fs::read_dir(fanout.path()).unwrap().flatten() {
+            total += file.metadata().unwrap().len();
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn a_disk_limit_evicts_the_least_recently_used_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    // Twenty 64 KiB chunks through a cache that holds eight on disk and none in memory.
+    let (index, blob, content) = layer_with_file(LayerFormat::Estargz, 20 * CHUNK, 7);
+    let source = Arc::new(MemoryBlobSource::new(blob));
+    let layer = Layer::new("test/image:1 layer 0", Arc::new(index), source.clone());
+    let limit = 8 * CHUNK as u64;
+    let cache = ChunkCache::open(
+        CacheOptions {
+            memory_bytes: 0,
+            disk_bytes: Some(limit),
+            ..options(dir.path())
+        },
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    let read = |chunk: usize| {
+        let (cache, layer) = (Arc::clone(&cache), Arc::clone(&layer));
+        async move {
+            cache
+                .read_file(
+                    &layer,
+                    EntryId(1),
+                    (chunk * CHUNK) as u64,
+                    CHUNK as u32,
+                    FetchPriority::OnDemand,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // The first chunk is read again and again while the others stream past it; its
+    // mtime is set back so that the read has to refresh it.
+    assert_eq!(&read(0).await[..], &content[..CHUNK]);
+    let chunks = regular_chunks(&layer, EntryId(1)).unwrap().1.to_vec();
+    let first = cache.disk.path(&chunks[0].digest);
+    for chunk in 1..20 {
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&first)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        // Distinct mtimes for the other chunks, oldest first.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        assert_eq!(&read(0).await[..], &content[..CHUNK], "after chunk {chunk}");
+        let data = read(chunk).await;
+        assert_eq!(&data[..], &content[chunk * CHUNK..(chunk + 1) * CHUNK]);
+        let on_disk = chunk_bytes_on_disk(dir.path());
+        assert!(
+            on_disk <= limit,
+            "after chunk {chunk}: {on_disk} bytes on disk, limit {limit}"
+        );
+    }
+    assert!(first.is_file(), "the chunk read all along was evicted");
+    let requests = source.requests();
+    assert_eq!(
+        requests, 20,
+        "the hot chunk was fetched again ({requests} requests for 20 chunks)"
+    );
+    // The newest chunk stays, the oldest cold ones went.
+    assert!(cache.disk.contains(&chunks[19].digest));
+    assert!(!cache.disk.contains(&chunks[1].digest));
+
+    // Reopened with a lower limit: it applies at once.
+    drop(cache);
+    let smaller = ChunkCache::open(
+        CacheOptions {
+            disk_bytes: Some(2 * CHUNK as u64),
+            ..options(dir.path())
+        },
+        Arc::new(Metrics::default()),
+    )
+    .unwrap();
+    assert!(chunk_bytes_on_disk(dir.path()) <= 2 * CHUNK as u64);
+    assert_eq!(smaller.disk.used_bytes(), chunk_bytes_on_disk(dir.path()));
 }
