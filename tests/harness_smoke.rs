@@ -95,6 +95,7 @@ fn registry_restarts_on_same_port_with_same_storage() {
 fn registry_with_htpasswd_requires_credentials() {
     let registry = TestRegistry::start(RegistryOptions {
         htpasswd: Some(("tester".into(), "s3cret".into())),
+        ..RegistryOptions::default()
     });
     let url = format!("{}/v2/", registry.url());
     assert!(curl(&[&url]).is_err(), "anonymous access must be refused");
@@ -498,6 +499,7 @@ fn images_publish_to_a_registry_requiring_credentials() {
     use common::images::{ImageFormat, publish};
     let registry = TestRegistry::start(RegistryOptions {
         htpasswd: Some(("pusher".into(), "pw".into())),
+        ..RegistryOptions::default()
     });
     let containerd =
         common::containerd::TestContainerd::start(common::containerd::ContainerdOptions::default());

@@ -346,6 +346,7 @@ fn tampered_chunk_fails_with_eio_and_is_not_cached() {
 fn basic_auth_from_docker_config() {
     let setup = setup(RegistryOptions {
         htpasswd: Some(("sluice".into(), "s3cret-pass".into())),
+        ..RegistryOptions::default()
     });
     let image = setup.publish(ImageFormat::Estargz);
     let host = setup.registry.host();

@@ -3,9 +3,9 @@
 //! against small loopback servers that misbehave on purpose.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,120 +23,18 @@ use sluice::registry::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-// ---- harness: the real registry ----------------------------------------------------------
+mod common;
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::free_port;
+use common::registry::{RegistryOptions as TestRegistryOptions, TestRegistry};
 
-/// A `docker-registry serve` child, killed (by PID) and reaped on drop.
-struct RealRegistry {
-    child: Child,
-    port: u16,
-    tls: bool,
-    _dir: tempfile::TempDir,
-}
+// ---- harness: the real registry is common::registry::TestRegistry --------------------
 
-impl Drop for RealRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl RealRegistry {
-    async fn start(htpasswd: Option<&str>) -> Self {
-        Self::start_with(htpasswd, None).await
-    }
-
-    /// `tls`: certificate and key files to serve HTTPS with.
-    async fn start_with(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Self {
-        // The port is free when picked but another process may take it before the
-        // registry binds it: then the registry exits and we try another port. A nonce
-        // response header proves the probe reached our registry, not someone else's.
-        for _ in 0..5 {
-            if let Some(registry) = Self::try_start(htpasswd, tls).await {
-                return registry;
-            }
-        }
-        panic!("docker-registry did not start");
-    }
-
-    async fn try_start(htpasswd: Option<&str>, tls: Option<(&Path, &Path)>) -> Option<Self> {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let nonce = format!("{}-{port}", std::process::id());
-        let auth = match htpasswd {
-            Some(line) => {
-                let path = dir.path().join("htpasswd");
-                std::fs::write(&path, line).unwrap();
-                format!(
-                    "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
-                    path.display()
-                )
-            }
-            None => String::new(),
-        };
-        let tls_config = match tls {
-            Some((cert, key)) => format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                cert.display(),
-                key.display()
-            ),
-            None => String::new(),
-        };
-        let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
-             storage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: sluice-test\n\
-             \x20 headers:\n    X-Sluice-Test: [\"{nonce}\"]\n{tls_config}{auth}",
-            dir.path().join("data").display()
-        );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry must be installed (Debian package docker-registry)");
-        let mut registry = Self {
-            child,
-            port,
-            tls: tls.is_some(),
-            _dir: dir,
-        };
-        let http = test_http_client();
-        for _ in 0..200 {
-            if registry.child.try_wait().ok().flatten().is_some() {
-                return None;
-            }
-            if let Ok(resp) = http.get(format!("{}/v2/", registry.base())).send().await
-                && resp
-                    .headers()
-                    .get("x-sluice-test")
-                    .is_some_and(|v| v.as_bytes() == nonce.as_bytes())
-            {
-                return Some(registry);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn base(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+/// A registry that wants basic auth as `user` / `pass`.
+fn registry_options_with_user() -> TestRegistryOptions {
+    TestRegistryOptions {
+        htpasswd: Some(("user".into(), "pass".into())),
+        ..TestRegistryOptions::default()
     }
 }
 
@@ -506,8 +404,8 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolve_fetch_and_read_ranges() {
-    let registry = RealRegistry::start(None).await;
-    let pusher = Pusher::new(registry.base(), None);
+    let registry = TestRegistry::start(TestRegistryOptions::default());
+    let pusher = Pusher::new(registry.url(), None);
     let image = push_image(&pusher, "test/img", Some("v1"), "amd64", 1).await;
     let (client, metrics) = new_client(options());
 
@@ -611,8 +509,8 @@ async fn resolve_fetch_and_read_ranges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn index_with_two_platforms() {
-    let registry = RealRegistry::start(None).await;
-    let pusher = Pusher::new(registry.base(), None);
+    let registry = TestRegistry::start(TestRegistryOptions::default());
+    let pusher = Pusher::new(registry.url(), None);
     let amd64 = push_image(&pusher, "multi/img", None, "amd64", 10).await;
     let arm64 = push_image(&pusher, "multi/img", None, "arm64", 20).await;
     let entry = |digest: &Digest, arch: &str, variant: Option<&str>| {
@@ -625,7 +523,7 @@ async fn index_with_two_platforms() {
     // Sizes must be right for the registry to accept the index.
     let manifest_size = |digest: &Digest| {
         let digest = digest.clone();
-        let base = registry.base();
+        let base = registry.url();
         async move {
             reqwest::Client::new()
                 .get(format!("{base}/v2/multi/img/manifests/{digest}"))
@@ -696,13 +594,8 @@ async fn index_with_two_platforms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_with_docker_config() {
-    let htpasswd = Command::new("htpasswd")
-        .args(["-Bbn", "user", "pass"])
-        .output()
-        .expect("htpasswd (apache2-utils) must be installed");
-    assert!(htpasswd.status.success());
-    let registry = RealRegistry::start(Some(std::str::from_utf8(&htpasswd.stdout).unwrap())).await;
-    let pusher = Pusher::new(registry.base(), Some(("user", "pass")));
+    let registry = TestRegistry::start(registry_options_with_user());
+    let pusher = Pusher::new(registry.url(), Some(("user", "pass")));
     let image = push_image(&pusher, "test/img", Some("v1"), "amd64", 3).await;
     let reference: ImageReference = format!("{}/test/img:v1", registry.host()).parse().unwrap();
 
@@ -814,7 +707,7 @@ async fn basic_auth_with_docker_config() {
     // A helper that knows nothing about this registry (credsStore for every host).
     let store_config = helper_dir.path().join("store.json");
     std::fs::write(&store_config, r#"{"credsStore": "sluicetest"}"#).unwrap();
-    let other = RealRegistry::start(Some(std::str::from_utf8(&htpasswd.stdout).unwrap())).await;
+    let other = TestRegistry::start(registry_options_with_user());
     let (stored, _) = new_client(RegistryOptions {
         docker_config: Some(store_config),
         credential_helper_dir: Some(helper_dir.path().to_owned()),
@@ -843,7 +736,7 @@ async fn basic_auth_with_docker_config() {
 
 /// A token server and a gate that demands its tokens, in front of the real registry.
 struct TokenSetup {
-    _registry: RealRegistry,
+    _registry: TestRegistry,
     gate: TestServer,
     _token_server: TestServer,
     token_requests: Arc<Mutex<Vec<Request>>>,
@@ -853,9 +746,9 @@ struct TokenSetup {
 }
 
 async fn token_setup(require_credentials: bool) -> TokenSetup {
-    let registry = RealRegistry::start(None).await;
+    let registry = TestRegistry::start(TestRegistryOptions::default());
     let image = push_image(
-        &Pusher::new(registry.base(), None),
+        &Pusher::new(registry.url(), None),
         "test/img",
         Some("v1"),
         "amd64",
@@ -909,7 +802,7 @@ async fn token_setup(require_credentials: bool) -> TokenSetup {
         .await
     };
     let realm = format!("http://{}/token", token_server.host());
-    let upstream = registry.base();
+    let upstream = registry.url();
     let oldest_valid = Arc::new(AtomicU64::new(0));
     let gate_oldest_valid = Arc::clone(&oldest_valid);
     let gate = TestServer::start(handler(move |req: Request| {
@@ -1072,9 +965,9 @@ async fn bearer_token_flow_anonymous() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_from_hosts_dir() {
-    let registry = RealRegistry::start(None).await;
+    let registry = TestRegistry::start(TestRegistryOptions::default());
     let image = push_image(
-        &Pusher::new(registry.base(), None),
+        &Pusher::new(registry.url(), None),
         "test/img",
         Some("v1"),
         "amd64",
@@ -1590,16 +1483,15 @@ fn make_certificates(dir: &Path) {
 async fn tls_with_hosts_toml_ca_and_skip_verify() {
     let certs = tempfile::tempdir().unwrap();
     make_certificates(certs.path());
-    let registry = RealRegistry::start_with(
-        None,
-        Some((
-            &certs.path().join("server.pem"),
-            &certs.path().join("server.key"),
+    let registry = TestRegistry::start(TestRegistryOptions {
+        tls: Some((
+            certs.path().join("server.pem"),
+            certs.path().join("server.key"),
         )),
-    )
-    .await;
+        ..TestRegistryOptions::default()
+    });
     let image = push_image(
-        &Pusher::new(registry.base(), None),
+        &Pusher::new(registry.url(), None),
         "test/img",
         Some("v1"),
         "amd64",
@@ -1844,7 +1736,7 @@ fn write_oci_layout(dir: &Path, tag: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_pushed_by_skopeo_as_docker_schema2() {
-    let registry = RealRegistry::start(None).await;
+    let registry = TestRegistry::start(TestRegistryOptions::default());
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
     let layer = write_oci_layout(&layout, "v1");
