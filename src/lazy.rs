@@ -3,21 +3,24 @@
 //!
 //! Prepare: resolve the image (once per image), find the layer's descriptor, open it
 //! (footer → TOC), mount it, fetch its prefetch list before answering (bounded), then
-//! stream the rest in the background. What a restart needs — the descriptor and the
-//! TOC — is kept under `<cache>/tocs/`, so layers mount again without the registry.
+//! stream the rest in the background. The first Prepare of an image starts opening and
+//! prefetching all of the image's layers at once, so later Prepares find them ready.
+//! What a restart needs — the descriptor and the TOC — is kept under `<cache>/tocs/`,
+//! so layers mount again without the registry.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{ChunkCache, StreamHandle, StreamOptions};
+use crate::cache::{ChunkCache, Layer, StreamHandle, StreamOptions};
 use crate::digest::Digest;
 use crate::fs::{FsOptions, MountedLayer, mount_layer};
-use crate::layer::{LayerError, OpenedLayer, TocStore, open_remote_layer};
+use crate::layer::{LayerError, TocStore, open_remote_layer};
 use crate::registry::{
     Descriptor, ImageReference, Platform, RegistryClient, RegistryError, ResolvedImage,
 };
@@ -97,6 +100,21 @@ pub struct LazyLayers {
     images: Mutex<HashMap<String, Arc<ResolvedImage>>>,
     /// Mounted layers by mountpoint.
     mounted: Mutex<HashMap<PathBuf, Mounted>>,
+    /// Layers being opened and prefetched ahead of their Prepare, by digest. An entry
+    /// leaves the map when its work ends; a later Prepare finds the TOC and chunks on disk.
+    warmups: Arc<Mutex<HashMap<Digest, Warmup>>>,
+}
+
+/// Opening and prefetching one layer ahead of its Prepare.
+type Warmup = Shared<BoxFuture<'static, Warmed>>;
+
+#[derive(Clone)]
+enum Warmed {
+    Layer(Arc<Layer>),
+    /// Plain tar+gzip or similar: containerd downloads it.
+    NotChunked,
+    /// Prepare opens the layer again itself and reports the error.
+    Failed,
 }
 
 impl LazyLayers {
@@ -116,6 +134,7 @@ impl LazyLayers {
             options,
             images: Mutex::default(),
             mounted: Mutex::default(),
+            warmups: Arc::default(),
         }
     }
 
@@ -182,27 +201,108 @@ impl LazyLayers {
                 layer: request.layer_digest.clone(),
                 platform: self.options.platform.to_string(),
             })?;
-        let opened = match open_remote_layer(
-            &self.client,
-            &request.image_ref,
-            resolved.reference.repository(),
-            descriptor,
-            Some(&self.store),
-        )
-        .await
-        {
-            Ok(opened) => opened,
-            Err(LayerError::NotChunked { .. }) => {
-                tracing::info!(image = %request.image_ref, layer = %descriptor.digest, "not lazily mountable; containerd downloads it");
+        self.warm_image(&request.image_ref, &resolved);
+        let warmup = self
+            .warmups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&descriptor.digest)
+            .cloned();
+        let warmed = match warmup {
+            Some(warmup) => warmup.await,
+            None => Warmed::Failed,
+        };
+        let not_chunked = || {
+            tracing::info!(image = %request.image_ref, layer = %descriptor.digest, "not lazily mountable; containerd downloads it");
+        };
+        let layer = match warmed {
+            Warmed::Layer(layer) => layer,
+            Warmed::NotChunked => {
+                not_chunked();
                 return Ok(None);
             }
-            Err(error) => return Err(error.into()),
+            Warmed::Failed => match open_remote_layer(
+                &self.client,
+                &request.image_ref,
+                resolved.reference.repository(),
+                descriptor,
+                Some(&self.store),
+            )
+            .await
+            {
+                Ok(opened) => opened.layer,
+                Err(LayerError::NotChunked { .. }) => {
+                    not_chunked();
+                    return Ok(None);
+                }
+                Err(error) => return Err(error.into()),
+            },
         };
         self.keep(&request.image_ref, descriptor).await?;
-        self.mount(opened, &request.mountpoint, true).await?;
+        self.mount(layer, &request.mountpoint, true).await?;
         Ok(Some(RemoteMount {
             dir: request.mountpoint.clone(),
         }))
+    }
+
+    /// Open and prefetch every layer of `image` at once, in the background.
+    ///
+    /// containerd prepares an image's layers one after another, each Prepare waiting
+    /// for its layer's prefetch; started together, the layers' round trips and
+    /// transfers overlap, and later Prepares find their work done or under way.
+    fn warm_image(&self, image: &str, resolved: &ResolvedImage) {
+        if self.options.prefetch_timeout.is_zero() {
+            return;
+        }
+        let mut warmups = self.warmups.lock().unwrap_or_else(PoisonError::into_inner);
+        for descriptor in &resolved.layers {
+            if warmups.contains_key(&descriptor.digest) {
+                continue;
+            }
+            let (client, cache, store) = (
+                Arc::clone(&self.client),
+                Arc::clone(&self.cache),
+                self.store.clone(),
+            );
+            let (image, repository, descriptor) = (
+                image.to_owned(),
+                resolved.reference.repository().clone(),
+                descriptor.clone(),
+            );
+            let timeout = self.options.prefetch_timeout;
+            let digest = descriptor.digest.clone();
+            let work: BoxFuture<'static, Warmed> = Box::pin(async move {
+                let layer = match open_remote_layer(
+                    &client,
+                    &image,
+                    &repository,
+                    &descriptor,
+                    Some(&store),
+                )
+                .await
+                {
+                    Ok(opened) => opened.layer,
+                    Err(LayerError::NotChunked { .. }) => return Warmed::NotChunked,
+                    Err(_) => return Warmed::Failed,
+                };
+                let list = &layer.index().prefetch;
+                if !list.is_empty()
+                    && let Err(error) = cache.prefetch(&layer, list, timeout).await
+                {
+                    tracing::debug!(layer = %layer.label(), %error, "prefetch ahead of Prepare incomplete");
+                }
+                Warmed::Layer(layer)
+            });
+            let work = work.shared();
+            warmups.insert(digest.clone(), work.clone());
+            let map = Arc::clone(&self.warmups);
+            self.runtime.spawn(async move {
+                work.await;
+                map.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&digest);
+            });
+        }
     }
 
     async fn keep(&self, image: &str, descriptor: &Descriptor) -> Result<(), LazyLayerError> {
@@ -225,14 +325,13 @@ impl LazyLayers {
         tokio::fs::rename(&tmp, &path).await.map_err(keep_error)
     }
 
-    /// Mount `opened` at `mountpoint`; prefetch its landmark files when `prefetch`.
+    /// Mount `layer` at `mountpoint`; prefetch its landmark files when `prefetch`.
     async fn mount(
         &self,
-        opened: OpenedLayer,
+        layer: Arc<Layer>,
         mountpoint: &Path,
         prefetch: bool,
     ) -> Result<(), LazyLayerError> {
-        let layer = Arc::clone(&opened.layer);
         // A daemon killed earlier leaves a dead FUSE mount behind ("transport endpoint
         // is not connected"); mounting over it would hide nothing and fail reads.
         let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
@@ -323,7 +422,8 @@ impl LazyLayers {
             Some(&self.store),
         )
         .await?;
-        self.mount(opened, &snapshot.mountpoint, false).await?;
+        self.mount(opened.layer, &snapshot.mountpoint, false)
+            .await?;
         Ok(RemoteMount {
             dir: snapshot.mountpoint.clone(),
         })
