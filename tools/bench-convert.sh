@@ -3,7 +3,10 @@
 # --oci` (Debian's stargz-snapshotter 0.12) on the same image, in one run.
 #
 # Usage (as root, from the repository root, after `cargo build --release`):
-#   tools/bench-convert.sh [IMAGE_NAME]      # a tools/mkimage.py image, default: everything
+#   tools/bench-convert.sh [IMAGE_NAME]      # default: everything
+# IMAGE_NAME is a tools/mkimage.py image (everything, busybox, app) or a
+# tools/mkbenchimages image (tiny, python, large; built once into target/bench-images,
+# which for python means a debootstrap from the configured apt mirror).
 #
 # ctr-remote works on containerd's content store, so a private, throw-away containerd
 # is started; the image is imported first and only the conversion itself is timed.
@@ -39,13 +42,24 @@ until ctr -a "$sock" version >/dev/null 2>&1; do
     sleep 0.1
 done
 
-python3 "$root/tools/mkimage.py" "$name" "$work/layout" --archive "$work/image.tar" >/dev/null
-ctr -a "$sock" images import --base-name "bench/$name" "$work/image.tar" >/dev/null
+case "$name" in
+tiny | python | large)
+    python3 "$root/tools/mkbenchimages" "$root/target/bench-images" --images "$name" >/dev/null
+    layout="$root/target/bench-images/$name/layout"
+    archive="$root/target/bench-images/$name/image.tar"
+    ;;
+*)
+    layout="$work/layout"
+    archive="$work/image.tar"
+    python3 "$root/tools/mkimage.py" "$name" "$layout" --archive "$archive" >/dev/null
+    ;;
+esac
+ctr -a "$sock" images import --base-name "bench/$name" "$archive" >/dev/null
 src_ref=$(ctr -a "$sock" images ls -q | head -n 1)
 uncompressed=0
-for layer in $(jq -r '.manifests[0].digest' "$work/layout/index.json" | cut -d: -f2 |
-    xargs -I{} jq -r '.layers[].digest' "$work/layout/blobs/sha256/{}" | cut -d: -f2); do
-    n=$(gzip -dc "$work/layout/blobs/sha256/$layer" | wc -c)
+for layer in $(jq -r '.manifests[0].digest' "$layout/index.json" | cut -d: -f2 |
+    xargs -I{} jq -r '.layers[].digest' "$layout/blobs/sha256/{}" | cut -d: -f2); do
+    n=$(gzip -dc "$layout/blobs/sha256/$layer" | wc -c)
     uncompressed=$((uncompressed + n))
 done
 
@@ -61,13 +75,19 @@ t1=$(now)
 ctr_secs=$(echo "$t1 $t0" | awk '{ print $1 - $2 }')
 
 t0=$(now)
-"$sluice" convert "oci:$work/layout" "oci:$work/out" --format estargz \
+"$sluice" convert "oci:$layout" "oci:$work/out" --format estargz \
     --chunk-size 4194304 --compression-level 9 --temp-dir "$work" >/dev/null
 t1=$(now)
 sluice_secs=$(echo "$t1 $t0" | awk '{ print $1 - $2 }')
 
 t0=$(now)
-"$sluice" convert "oci:$work/layout" "oci:$work/out-zstd" --format zstd-chunked \
+"$sluice" convert "oci:$layout" "oci:$work/out-prefetch" --format estargz \
+    --chunk-size 4194304 --compression-level 9 --prefetch entrypoint --temp-dir "$work" >/dev/null
+t1=$(now)
+prefetch_secs=$(echo "$t1 $t0" | awk '{ print $1 - $2 }')
+
+t0=$(now)
+"$sluice" convert "oci:$layout" "oci:$work/out-zstd" --format zstd-chunked \
     --chunk-size 4194304 --temp-dir "$work" >/dev/null
 t1=$(now)
 zstd_secs=$(echo "$t1 $t0" | awk '{ print $1 - $2 }')
@@ -75,4 +95,5 @@ zstd_secs=$(echo "$t1 $t0" | awk '{ print $1 - $2 }')
 echo "image $name: $uncompressed bytes uncompressed, $(nproc) CPUs"
 echo "ctr-remote images convert --oci --estargz:  $(rate "$ctr_secs")"
 echo "sluice convert --format estargz (gzip -9):  $(rate "$sluice_secs")"
+echo "sluice convert --format estargz --prefetch entrypoint:  $(rate "$prefetch_secs")"
 echo "sluice convert --format zstd-chunked (-3):  $(rate "$zstd_secs")"

@@ -8,6 +8,7 @@
 //! | [`proxy`]      | `TestProxy`: loopback HTTP proxy that counts, corrupts chosen blob ranges, fails, hangs or stalls mid-body |
 //! | [`containerd`] | `TestContainerd`: private containerd 1.6 (isolated content, optional CRI, optional proxy snapshotter) with `ctr`/`ctr-remote` helpers |
 //! | [`images`]     | build tools/mkimage.py images (`everything`, `busybox`), convert to eStargz / zstd:chunked, push, read manifests back |
+//! | [`pyimage`]    | the `python` image of tools/mkbenchimages (Debian bookworm + python3), built once |
 //! | [`toc`]        | independent TOC reader: which blob bytes hold which chunk of which file |
 //! | [`tree`]       | extract a layer with GNU tar, convert whiteouts as a snapshotter presents them, compare trees |
 //!
@@ -28,6 +29,7 @@
 pub mod containerd;
 pub mod images;
 pub mod proxy;
+pub mod pyimage;
 pub mod registry;
 pub mod snapshotter;
 pub mod toc;
