@@ -782,7 +782,11 @@ fn measure(
             ),
             pull_timeout,
         )?,
-        Some(kind) => timed(
+        Some(SnapshotterKind::Sluice) => {
+            timed(&mut daemons.sluice_pull(namespace, reference), pull_timeout)?
+        }
+        // stargz-snapshotter recognises layers by the labels its own client sets.
+        Some(SnapshotterKind::Stargz) => timed(
             &mut daemons.command(
                 "ctr-remote",
                 namespace,
@@ -791,7 +795,7 @@ fn measure(
                     "rpull",
                     "--plain-http",
                     "--snapshotter",
-                    kind.plugin_name(),
+                    SnapshotterKind::Stargz.plugin_name(),
                     reference,
                 ],
             ),

@@ -450,8 +450,18 @@ impl Daemons {
         command_output(&mut self.command("ctr", namespace, args))
     }
 
-    pub fn ctr_remote(&self, namespace: &str, args: &[&str]) -> Result<String, BenchError> {
-        command_output(&mut self.command("ctr-remote", namespace, args))
+    /// `sluice pull` of `reference` into `namespace` through the sluice snapshotter.
+    pub fn sluice_pull(&self, namespace: &str, reference: &str) -> Command {
+        let mut command = Command::new(sibling_binary("sluice"));
+        command
+            .arg("pull")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", namespace])
+            .args(["--snapshotter", SnapshotterKind::Sluice.plugin_name()])
+            .arg("--plain-http")
+            .arg(reference);
+        command
     }
 
     /// containerd's content store blobs (sha256/...).
