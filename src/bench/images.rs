@@ -128,7 +128,12 @@ impl ImageCache {
             source,
         })?;
         let registry = Registry::start(&setup, &self.storage(), addr, addr, None)?;
-        let daemons = Daemons::start(&setup.join("ctd"), None, &setup.join("unused-cache"))?;
+        let daemons = Daemons::start(
+            &setup.join("ctd"),
+            None,
+            &setup.join("unused-cache"),
+            "warn",
+        )?;
         for name in stale {
             eprintln!(
                 "bench: converting and pushing image {name} (once; cached in {})",
