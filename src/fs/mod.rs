@@ -183,7 +183,10 @@ pub fn mount_layer(
     config.clone_fd = true;
 
     let passthrough_active = Arc::new(AtomicBool::new(false));
+    let has_xattrs =
+        tree.has_opaque_dir() || layer.index().entries.iter().any(|e| !e.xattrs.is_empty());
     let fs = LayerFs {
+        has_xattrs,
         tree,
         read: Arc::new(ReadContext {
             metrics: Arc::clone(cache.metrics()),
@@ -308,6 +311,12 @@ impl ReadContext {
 
 struct LayerFs {
     tree: Tree,
+    /// Whether any inode has an extended attribute. When none has, xattr requests
+    /// are answered `ENOSYS`, which makes the kernel answer all later ones itself
+    /// (`EOPNOTSUPP`, which overlayfs treats as "no such attribute"): overlayfs asks
+    /// every lower file for its metacopy/origin/redirect/opaque attributes, and
+    /// those round trips were a quarter of all requests of a Python start-up.
+    has_xattrs: bool,
     read: Arc<ReadContext>,
     runtime: tokio::runtime::Handle,
     options: FsOptions,
@@ -323,6 +332,25 @@ struct OpenInode {
     backing: Option<BackingId>,
     handles: u64,
 }
+
+/// The attributes of a cached miss: the kernel reads only the inode number (0).
+const NEGATIVE_ENTRY: fuser::FileAttr = fuser::FileAttr {
+    ino: INodeNo(0),
+    size: 0,
+    blocks: 0,
+    atime: std::time::UNIX_EPOCH,
+    mtime: std::time::UNIX_EPOCH,
+    ctime: std::time::UNIX_EPOCH,
+    crtime: std::time::UNIX_EPOCH,
+    kind: FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+    flags: 0,
+};
 
 /// File handles of regular-file opens, counted in `open_inodes` until released.
 const CACHED_FH: FileHandle = FileHandle(1);
@@ -468,6 +496,13 @@ impl Filesystem for LayerFs {
             .and_then(|dir| self.tree.lookup(dir, name.as_bytes()).ok_or(Errno::ENOENT));
         match found {
             Ok(node) => reply.entry(&self.options.attr_ttl, &node.attr, Generation(0)),
+            // The layer never changes, so a missing name stays missing: an entry with
+            // inode 0 lets the kernel cache the miss (a plain ENOENT is asked again
+            // on every lookup). Interpreters probe many absent paths at start-up, and
+            // overlayfs repeats each probe in every lower layer.
+            Err(Errno::ENOENT) => {
+                reply.entry(&self.options.attr_ttl, &NEGATIVE_ENTRY, Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -595,14 +630,24 @@ impl Filesystem for LayerFs {
         });
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.dir(ino) {
-            Ok(_) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Err(e) => reply.error(e),
-        }
+    /// Directories need no per-open state: `ENOSYS` makes the kernel open them
+    /// without asking again (and without RELEASEDIR), with `FOPEN_KEEP_CACHE |
+    /// FOPEN_CACHE_DIR` as its default — what this would answer anyway.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// Nothing is written, so there is nothing to flush; `ENOSYS` makes the kernel
+    /// stop sending FLUSH on every close.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
@@ -672,6 +717,9 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let node = match self.node(ino) {
             Ok(node) => node,
             Err(e) => return reply.error(e),
@@ -683,6 +731,9 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let node = match self.node(ino) {
             Ok(node) => node,
             Err(e) => return reply.error(e),
