@@ -183,6 +183,7 @@ pub fn mount_layer(
     config.clone_fd = true;
 
     let passthrough_active = Arc::new(AtomicBool::new(false));
+    let options_readahead = options.max_readahead;
     let has_xattrs =
         tree.has_opaque_dir() || layer.index().entries.iter().any(|e| !e.xattrs.is_empty());
     let fs = LayerFs {
@@ -207,12 +208,39 @@ pub fn mount_layer(
             mountpoint: mountpoint.to_path_buf(),
             source,
         })?;
+    raise_readahead(mountpoint, options_readahead, &label);
     Ok(MountedLayer {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
         label,
         passthrough_active,
     })
+}
+
+/// The kernel offers FUSE at most its default readahead (128 KiB) at init, so a
+/// binary mapped from the layer (e.g. `python3`, several MiB, through FUSE because it
+/// spans chunks) faults in 128 KiB requests, each a round trip to sluice. The mount's
+/// own backing device takes a larger value once init is done; FUSE then sends reads
+/// of up to 1 MiB (its page limit). Best effort: without it reads are only smaller.
+fn raise_readahead(mountpoint: &Path, bytes: u32, label: &str) {
+    use std::os::unix::fs::MetadataExt;
+    // The stat is answered only after the init handshake, whose reply would otherwise
+    // lower the value again.
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(meta) => meta.dev(),
+        Err(error) => {
+            tracing::debug!(layer = label, %error, "cannot stat the mount to raise its readahead");
+            return;
+        }
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    if let Err(error) = std::fs::write(&path, (bytes / 1024).to_string()) {
+        tracing::debug!(layer = label, %error, path, "cannot raise the mount's readahead");
+    }
 }
 
 /// Lets one warning through per interval and counts the rest, so a registry outage
