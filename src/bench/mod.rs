@@ -757,8 +757,10 @@ fn run_once(
         cache_dir,
         context.snapshotter_log_level,
     )?;
-    let namespace = format!("bench-{counter}");
-    let container = format!("bench-{counter}");
+    // runc keeps container state under /run/containerd/runc/NAMESPACE/ID for every
+    // containerd on the machine: names must not collide with another benchmark's.
+    let namespace = format!("bench-{}-{counter}", std::process::id());
+    let container = namespace.clone();
     drop_page_cache();
     let before = registry.served();
     let mut record = RunRecord {
