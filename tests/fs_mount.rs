@@ -113,13 +113,20 @@ fn mount(read_timeout: Duration) -> Mounted {
 }
 
 fn mount_on(cache_dir: tempfile::TempDir, read_timeout: Duration) -> Mounted {
+    mount_built(cache_dir, read_timeout, build_layer())
+}
+
+fn mount_built(
+    cache_dir: tempfile::TempDir,
+    read_timeout: Duration,
+    (index, blob, big): (sluice::format::LayerIndex, bytes::Bytes, Vec<u8>),
+) -> Mounted {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let mountpoint = tempfile::tempdir().unwrap();
-    let (index, blob, big) = build_layer();
     let source = Arc::new(MemoryBlobSource::new(blob));
     let layer = Layer::new(
         "test.local/fs:1 sha256:layer0",
@@ -432,4 +439,57 @@ fn cached_single_chunk_files_bypass_sluice_through_passthrough() {
         0
     );
     assert!(m.read_errors.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+/// A layer with no extended attributes and no opaque directory answers xattr
+/// requests as a filesystem without xattr support (the kernel stops asking), and
+/// stays fully readable and listable, also on a second pass (directory opens and
+/// misses are then answered by the kernel).
+#[test]
+fn layer_without_xattrs_reports_no_xattr_support_and_stays_listable() {
+    let mut b = LayerBuilder::new(LayerFormat::Estargz);
+    b.dir("lib", 0o755);
+    b.file("lib/a.py", 0o644, b"print('a')\n", 4096);
+    b.file("lib/b.py", 0o644, b"print('b')\n", 4096);
+    let (index, blob) = b.build();
+    let m = mount_built(
+        tempfile::tempdir().unwrap(),
+        Duration::from_secs(10),
+        (index, blob, Vec::new()),
+    );
+    // Readahead raised from the kernel's 128 KiB default to FsOptions::max_readahead.
+    let dev = fs::metadata(m.path("")).unwrap().dev();
+    let readahead = fs::read_to_string(format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    ))
+    .unwrap();
+    assert_eq!(
+        readahead.trim(),
+        (FsOptions::default().max_readahead / 1024).to_string()
+    );
+    for _ in 0..2 {
+        let mut names: Vec<String> = fs::read_dir(m.path("lib"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.py", "b.py"]);
+        assert_eq!(fs::read(m.path("lib/b.py")).unwrap(), b"print('b')\n");
+        assert_eq!(
+            fs::metadata(m.path("lib/missing.py"))
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ENOENT)
+        );
+        for path in ["lib", "lib/a.py"] {
+            assert_eq!(
+                xattr(&m.path(path), "trusted.overlay.metacopy")
+                    .unwrap_err()
+                    .raw_os_error(),
+                Some(libc::EOPNOTSUPP)
+            );
+        }
+    }
 }

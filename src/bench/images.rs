@@ -1,6 +1,7 @@
 //! The benchmark images: built by tools/mkbenchimages, converted to eStargz with and
-//! without a prefetch list by ctr-remote, and pushed once into a registry storage
-//! directory kept under the image cache. Benchmark registries serve that directory.
+//! without the entrypoint's files first by `sluice convert`, and pushed once into a
+//! registry storage directory kept under the image cache. Benchmark registries serve
+//! that directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,9 +23,10 @@ pub fn repository(name: &str) -> String {
 pub enum Variant {
     /// The original tar+gzip layers.
     Gzip,
-    /// eStargz, no prefetch list (`.no.prefetch.landmark`).
+    /// eStargz, no prefetch list (`sluice convert --prefetch none`).
     Estargz,
-    /// eStargz with the entrypoint's files first and a `.prefetch.landmark`.
+    /// eStargz with the entrypoint's files first and a `.prefetch.landmark`
+    /// (`sluice convert --prefetch entrypoint`).
     EstargzPrefetch,
 }
 
@@ -38,7 +40,21 @@ impl Variant {
             Variant::EstargzPrefetch => "esgz-prefetch",
         }
     }
+
+    /// `sluice convert --prefetch` for the converted variants.
+    fn prefetch(self) -> Option<&'static str> {
+        match self {
+            Variant::Gzip => None,
+            Variant::Estargz => Some("none"),
+            Variant::EstargzPrefetch => Some("entrypoint"),
+        }
+    }
 }
+
+/// How the variants in the storage were made; part of the "pushed" marker, so storage
+/// written by another method (e.g. the earlier ctr-remote conversion) is pushed again.
+const CONVERSION_METHOD: &str = "gzip: ctr images push; esgz: sluice convert --format estargz --prefetch none; \
+     esgz-prefetch: sluice convert --format estargz --prefetch entrypoint";
 
 /// What the report needs to know about one image.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -93,11 +109,7 @@ impl ImageCache {
         )?;
         let stale: Vec<&String> = names
             .iter()
-            .filter(|name| {
-                let built = std::fs::read(self.image_dir(name).join("layout/index.json"))
-                    .unwrap_or_default();
-                std::fs::read(self.pushed_marker(name)).ok() != Some(built)
-            })
+            .filter(|name| std::fs::read(self.pushed_marker(name)).ok() != self.marker(name).ok())
             .collect();
         if stale.is_empty() {
             return Ok(());
@@ -116,27 +128,46 @@ impl ImageCache {
             source,
         })?;
         let registry = Registry::start(&setup, &self.storage(), addr, addr, None)?;
-        let daemons = Daemons::start(&setup.join("ctd"), None, &setup.join("unused-cache"))?;
+        let daemons = Daemons::start(
+            &setup.join("ctd"),
+            None,
+            &setup.join("unused-cache"),
+            "warn",
+        )?;
         for name in stale {
             eprintln!(
                 "bench: converting and pushing image {name} (once; cached in {})",
                 self.dir.display()
             );
             self.push_variants(&daemons, &registry, name)?;
-            let built = std::fs::read(self.image_dir(name).join("layout/index.json")).map_err(
-                |source| BenchError::Io {
-                    what: format!("reading the index of image {name}"),
+            std::fs::write(self.pushed_marker(name), self.marker(name)?).map_err(|source| {
+                BenchError::Io {
+                    what: format!("marking image {name} pushed"),
                     source,
-                },
-            )?;
-            std::fs::write(self.pushed_marker(name), built).map_err(|source| BenchError::Io {
-                what: format!("marking image {name} pushed"),
-                source,
+                }
             })?;
         }
         Ok(())
     }
 
+    /// What the "pushed" marker of `name` holds once its variants are in the storage:
+    /// the built layout's index (a rebuilt image is pushed again) and the conversion
+    /// method (a changed method converts again).
+    fn marker(&self, name: &str) -> Result<Vec<u8>, BenchError> {
+        let mut marker =
+            std::fs::read(self.image_dir(name).join("layout/index.json")).map_err(|source| {
+                BenchError::Io {
+                    what: format!("reading the index of image {name}"),
+                    source,
+                }
+            })?;
+        marker.push(b'\n');
+        marker.extend_from_slice(CONVERSION_METHOD.as_bytes());
+        Ok(marker)
+    }
+
+    /// Push the original image with containerd (as it was built), and convert it from
+    /// its OCI layout straight into the registry with `sluice convert`, twice.
     fn push_variants(
         &self,
         daemons: &Daemons,
@@ -155,40 +186,48 @@ impl ImageCache {
                 &archive.to_string_lossy(),
             ],
         )?;
-        let local = |variant: Variant| format!("bench.local/{name}:{}", variant.tag());
-        daemons.ctr_remote(
-            ns,
-            &[
-                "images",
-                "convert",
-                "--oci",
-                "--estargz",
-                &local(Variant::Gzip),
-                &local(Variant::Estargz),
-            ],
-        )?;
-        daemons.ctr_remote(
-            ns,
-            &[
-                "images",
-                "convert",
-                "--oci",
-                "--estargz",
-                "--estargz-record-in",
-                &dir.join("record.jsonl").to_string_lossy(),
-                &local(Variant::Gzip),
-                &local(Variant::EstargzPrefetch),
-            ],
-        )?;
-        for variant in Variant::ALL {
-            let remote = format!(
+        let remote = |variant: Variant| {
+            format!(
                 "{}/{}:{}",
                 registry.client_addr(),
                 repository(name),
                 variant.tag()
+            )
+        };
+        let local = format!("bench.local/{name}:{}", Variant::Gzip.tag());
+        daemons.ctr(
+            ns,
+            &["images", "tag", "--force", &local, &remote(Variant::Gzip)],
+        )?;
+        daemons.ctr(
+            ns,
+            &["images", "push", "--plain-http", &remote(Variant::Gzip)],
+        )?;
+        let source = format!(
+            "oci:{}:{}",
+            dir.join("layout").display(),
+            Variant::Gzip.tag()
+        );
+        let temp = dir.join("convert-tmp");
+        for variant in [Variant::Estargz, Variant::EstargzPrefetch] {
+            let Some(prefetch) = variant.prefetch() else {
+                continue;
+            };
+            std::fs::create_dir_all(&temp).map_err(|source| BenchError::Io {
+                what: format!("creating {}", temp.display()),
+                source,
+            })?;
+            let converted = command_output(
+                Command::new(super::procs::sibling_binary("sluice"))
+                    .args(["convert", "--format", "estargz", "--prefetch", prefetch])
+                    .arg("--plain-http")
+                    .arg("--temp-dir")
+                    .arg(&temp)
+                    .arg(&source)
+                    .arg(remote(variant)),
             );
-            daemons.ctr(ns, &["images", "tag", "--force", &local(variant), &remote])?;
-            daemons.ctr(ns, &["images", "push", "--plain-http", &remote])?;
+            let _ = std::fs::remove_dir_all(&temp);
+            converted?;
         }
         Ok(())
     }

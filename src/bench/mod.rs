@@ -164,6 +164,11 @@ pub struct BenchOptions {
     pub ready_timeout: Duration,
     /// The command line, recorded in the JSON.
     pub command_line: String,
+    /// Copy every run's containerd and snapshotter logs, and the registry's access
+    /// log, to `out_dir/logs/` (the work directory is removed at the end).
+    pub keep_logs: bool,
+    /// The sluice snapshotter's `daemon.log_level` (a tracing filter).
+    pub snapshotter_log_level: String,
 }
 
 /// One measured run.
@@ -474,6 +479,14 @@ pub fn run(options: &BenchOptions) -> Result<Report, BenchError> {
 
     let registry = start_registry(options.network, &cache.storage(), &work.0)?;
     let host = registry.registry.client_addr().to_string();
+    let logs_dir = options.keep_logs.then(|| options.out_dir.join("logs"));
+    let context = RunContext {
+        registry: &registry.registry,
+        work_dir: &work.0,
+        ready_timeout: options.ready_timeout,
+        logs_dir: logs_dir.as_deref(),
+        snapshotter_log_level: &options.snapshotter_log_level,
+    };
     let total_runs = options.images.len() * modes.len() * options.runs;
     let mut done = 0usize;
     let mut results = Vec::new();
@@ -492,13 +505,12 @@ pub fn run(options: &BenchOptions) -> Result<Report, BenchError> {
                 progress(done, total_runs, image, mode, "warming the chunk cache");
                 run_counter += 1;
                 let priming = run_once(
-                    &registry.registry,
-                    &work.0,
+                    &context,
                     run_counter,
+                    &format!("{image}-{}-warming", mode.name()),
                     &reference,
                     mode,
                     &warm_cache,
-                    options.ready_timeout,
                 )?;
                 if !priming.ok {
                     eprintln!(
@@ -524,13 +536,12 @@ pub fn run(options: &BenchOptions) -> Result<Report, BenchError> {
                     work.0.join(format!("cache-{run_counter}"))
                 };
                 let mut record = run_once(
-                    &registry.registry,
-                    &work.0,
+                    &context,
                     run_counter,
+                    &format!("{image}-{}-{run}", mode.name()),
                     &reference,
                     mode,
                     &cache_dir,
-                    options.ready_timeout,
                 )?;
                 if mode != Mode::SluiceWarm {
                     let _ = std::fs::remove_dir_all(&cache_dir);
@@ -555,6 +566,12 @@ pub fn run(options: &BenchOptions) -> Result<Report, BenchError> {
         }
     }
     eprint!("\r\x1b[K");
+    if let Some(logs) = &logs_dir {
+        keep_log(
+            &work.0.join("registry/registry.log"),
+            &logs.join("registry.log"),
+        );
+    }
     drop(registry);
     let report = Report {
         command: options.command_line.clone(),
@@ -695,24 +712,55 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// What every run shares.
+struct RunContext<'a> {
+    registry: &'a Registry,
+    work_dir: &'a Path,
+    ready_timeout: Duration,
+    logs_dir: Option<&'a Path>,
+    snapshotter_log_level: &'a str,
+}
+
+/// Best effort: a log that cannot be kept is reported, the figures stand.
+fn keep_log(from: &Path, to: &Path) {
+    let copied = to
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::copy(from, to));
+    if let Err(error) = copied {
+        eprintln!(
+            "\nbench: cannot keep {} as {}: {error}",
+            from.display(),
+            to.display()
+        );
+    }
+}
+
 /// One cold run: fresh daemons, pull, create, start, wait for `ready`.
 ///
 /// A run whose container does not print `ready` is a failed record, not an error;
 /// errors are for the benchmark's own machinery (and interrupts).
 fn run_once(
-    registry: &Registry,
-    work_dir: &Path,
+    context: &RunContext<'_>,
     counter: usize,
+    label: &str,
     reference: &str,
     mode: Mode,
     cache_dir: &Path,
-    ready_timeout: Duration,
 ) -> Result<RunRecord, BenchError> {
-    let run_dir = work_dir.join(format!("r{counter}"));
+    let (registry, ready_timeout) = (context.registry, context.ready_timeout);
+    let run_dir = context.work_dir.join(format!("r{counter}"));
     let load1 = load1();
-    let daemons = Daemons::start(&run_dir, mode.snapshotter(), cache_dir)?;
-    let namespace = format!("bench-{counter}");
-    let container = format!("bench-{counter}");
+    let daemons = Daemons::start(
+        &run_dir,
+        mode.snapshotter(),
+        cache_dir,
+        context.snapshotter_log_level,
+    )?;
+    // runc keeps container state under /run/containerd/runc/NAMESPACE/ID for every
+    // containerd on the machine: names must not collide with another benchmark's.
+    let namespace = format!("bench-{}-{counter}", std::process::id());
+    let container = namespace.clone();
     drop_page_cache();
     let before = registry.served();
     let mut record = RunRecord {
@@ -748,6 +796,14 @@ fn run_once(
     let _ = daemons.ctr(&namespace, &["tasks", "delete", "--force", &container]);
     let _ = daemons.ctr(&namespace, &["containers", "delete", &container]);
     drop(daemons);
+    if let Some(logs) = context.logs_dir {
+        for name in ["containerd.log", "snapshotter.log"] {
+            let from = run_dir.join(name);
+            if from.exists() {
+                keep_log(&from, &logs.join(format!("r{counter}-{label}-{name}")));
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&run_dir);
     Ok(record)
 }
@@ -782,7 +838,11 @@ fn measure(
             ),
             pull_timeout,
         )?,
-        Some(kind) => timed(
+        Some(SnapshotterKind::Sluice) => {
+            timed(&mut daemons.sluice_pull(namespace, reference), pull_timeout)?
+        }
+        // stargz-snapshotter recognises layers by the labels its own client sets.
+        Some(SnapshotterKind::Stargz) => timed(
             &mut daemons.command(
                 "ctr-remote",
                 namespace,
@@ -791,7 +851,7 @@ fn measure(
                     "rpull",
                     "--plain-http",
                     "--snapshotter",
-                    kind.plugin_name(),
+                    SnapshotterKind::Stargz.plugin_name(),
                     reference,
                 ],
             ),

@@ -269,6 +269,7 @@ impl Daemons {
         dir: &Path,
         snapshotter: Option<SnapshotterKind>,
         cache_dir: &Path,
+        snapshotter_log_level: &str,
     ) -> Result<Daemons, BenchError> {
         std::fs::create_dir_all(dir).map_err(|source| BenchError::Io {
             what: format!("creating {}", dir.display()),
@@ -281,7 +282,7 @@ impl Daemons {
             snapshotter_kind: snapshotter,
         };
         if let Some(kind) = snapshotter {
-            daemons.start_snapshotter(kind, cache_dir)?;
+            daemons.start_snapshotter(kind, cache_dir, snapshotter_log_level)?;
         }
         daemons.start_containerd()?;
         Ok(daemons)
@@ -307,6 +308,7 @@ impl Daemons {
         &mut self,
         kind: SnapshotterKind,
         cache_dir: &Path,
+        log_level: &str,
     ) -> Result<(), BenchError> {
         let root = self.dir.join("snapshotter");
         let socket = self.snapshotter_socket();
@@ -315,12 +317,13 @@ impl Daemons {
             SnapshotterKind::Sluice => {
                 let config = self.dir.join("sluice.toml");
                 let text = format!(
-                    "[daemon]\nroot = \"{root}\"\nsocket = \"{socket}\"\nlog_level = \"warn\"\n\n\
+                    "[daemon]\nroot = \"{root}\"\nsocket = \"{socket}\"\nlog_level = \"{log_level}\"\n\n\
                      [cache]\ndir = \"{cache}\"\n\n[registry]\nplain_http = true\n\n\
                      [fs]\nbackground_fetch = false\n\n[prefetch]\ntimeout_secs = 60\n",
                     root = root.display(),
                     socket = socket.display(),
                     cache = cache_dir.display(),
+                    log_level = log_level.escape_default(),
                 );
                 std::fs::write(&config, text).map_err(|source| BenchError::Io {
                     what: format!("writing {}", config.display()),
@@ -450,8 +453,18 @@ impl Daemons {
         command_output(&mut self.command("ctr", namespace, args))
     }
 
-    pub fn ctr_remote(&self, namespace: &str, args: &[&str]) -> Result<String, BenchError> {
-        command_output(&mut self.command("ctr-remote", namespace, args))
+    /// `sluice pull` of `reference` into `namespace` through the sluice snapshotter.
+    pub fn sluice_pull(&self, namespace: &str, reference: &str) -> Command {
+        let mut command = Command::new(sibling_binary("sluice"));
+        command
+            .arg("pull")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", namespace])
+            .args(["--snapshotter", SnapshotterKind::Sluice.plugin_name()])
+            .arg("--plain-http")
+            .arg(reference);
+        command
     }
 
     /// containerd's content store blobs (sha256/...).

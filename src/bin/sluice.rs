@@ -115,6 +115,13 @@ struct BenchArgs {
     /// Seconds a container may take from start to `ready` before the run counts as failed.
     #[arg(long, default_value_t = 300)]
     ready_timeout: u64,
+    /// Keep every run's containerd and snapshotter logs and the registry's access log
+    /// in OUT/logs.
+    #[arg(long)]
+    keep_logs: bool,
+    /// Log filter of the sluice snapshotter during runs (see --keep-logs).
+    #[arg(long, default_value = "warn")]
+    snapshotter_log_level: String,
 }
 
 #[derive(Args)]
@@ -595,6 +602,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         tools_dir: args.tools_dir,
         ready_timeout: Duration::from_secs(args.ready_timeout.max(1)),
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
+        keep_logs: args.keep_logs,
+        snapshotter_log_level: args.snapshotter_log_level,
     };
     let report = match sluice::bench::run(&options) {
         Ok(report) => report,

@@ -188,7 +188,11 @@ pub fn mount_layer(
     config.clone_fd = true;
 
     let passthrough_active = Arc::new(AtomicBool::new(false));
+    let options_readahead = options.max_readahead;
+    let has_xattrs =
+        tree.has_opaque_dir() || layer.index().entries.iter().any(|e| !e.xattrs.is_empty());
     let fs = LayerFs {
+        has_xattrs,
         tree,
         read: Arc::new(ReadContext {
             metrics: Arc::clone(cache.metrics()),
@@ -209,12 +213,39 @@ pub fn mount_layer(
             mountpoint: mountpoint.to_path_buf(),
             source,
         })?;
+    raise_readahead(mountpoint, options_readahead, &label);
     Ok(MountedLayer {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
         label,
         passthrough_active,
     })
+}
+
+/// The kernel offers FUSE at most its default readahead (128 KiB) at init, so a
+/// binary mapped from the layer (e.g. `python3`, several MiB, through FUSE because it
+/// spans chunks) faults in 128 KiB requests, each a round trip to sluice. The mount's
+/// own backing device takes a larger value once init is done; FUSE then sends reads
+/// of up to 1 MiB (its page limit). Best effort: without it reads are only smaller.
+fn raise_readahead(mountpoint: &Path, bytes: u32, label: &str) {
+    use std::os::unix::fs::MetadataExt;
+    // The stat is answered only after the init handshake, whose reply would otherwise
+    // lower the value again.
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(meta) => meta.dev(),
+        Err(error) => {
+            tracing::debug!(layer = label, %error, "cannot stat the mount to raise its readahead");
+            return;
+        }
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    if let Err(error) = std::fs::write(&path, (bytes / 1024).to_string()) {
+        tracing::debug!(layer = label, %error, path, "cannot raise the mount's readahead");
+    }
 }
 
 /// Lets one warning through per interval and counts the rest, so a registry outage
@@ -313,6 +344,12 @@ impl ReadContext {
 
 struct LayerFs {
     tree: Tree,
+    /// Whether any inode has an extended attribute. When none has, xattr requests
+    /// are answered `ENOSYS`, which makes the kernel answer all later ones itself
+    /// (`EOPNOTSUPP`, which overlayfs treats as "no such attribute"): overlayfs asks
+    /// every lower file for its metacopy/origin/redirect/opaque attributes, and
+    /// those round trips were a quarter of all requests of a Python start-up.
+    has_xattrs: bool,
     read: Arc<ReadContext>,
     runtime: tokio::runtime::Handle,
     options: FsOptions,
@@ -328,6 +365,25 @@ struct OpenInode {
     backing: Option<BackingId>,
     handles: u64,
 }
+
+/// The attributes of a cached miss: the kernel reads only the inode number (0).
+const NEGATIVE_ENTRY: fuser::FileAttr = fuser::FileAttr {
+    ino: INodeNo(0),
+    size: 0,
+    blocks: 0,
+    atime: std::time::UNIX_EPOCH,
+    mtime: std::time::UNIX_EPOCH,
+    ctime: std::time::UNIX_EPOCH,
+    crtime: std::time::UNIX_EPOCH,
+    kind: FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+    flags: 0,
+};
 
 /// File handles of regular-file opens, counted in `open_inodes` until released.
 const CACHED_FH: FileHandle = FileHandle(1);
@@ -490,6 +546,13 @@ impl Filesystem for LayerFs {
             .and_then(|dir| self.tree.lookup(dir, name.as_bytes()).ok_or(Errno::ENOENT));
         match found {
             Ok(node) => reply.entry(&self.options.attr_ttl, &node.attr, Generation(0)),
+            // The layer never changes, so a missing name stays missing: an entry with
+            // inode 0 lets the kernel cache the miss (a plain ENOENT is asked again
+            // on every lookup). Interpreters probe many absent paths at start-up, and
+            // overlayfs repeats each probe in every lower layer.
+            Err(Errno::ENOENT) => {
+                reply.entry(&self.options.attr_ttl, &NEGATIVE_ENTRY, Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -619,14 +682,24 @@ impl Filesystem for LayerFs {
         });
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.dir(ino) {
-            Ok(_) => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Err(e) => reply.error(e),
-        }
+    /// Directories need no per-open state: `ENOSYS` makes the kernel open them
+    /// without asking again (and without RELEASEDIR), with `FOPEN_KEEP_CACHE |
+    /// FOPEN_CACHE_DIR` as its default — what this would answer anyway.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// Nothing is written, so there is nothing to flush; `ENOSYS` makes the kernel
+    /// stop sending FLUSH on every close.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
@@ -696,6 +769,9 @@ impl Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let node = match self.node(ino) {
             Ok(node) => node,
             Err(e) => return reply.error(e),
@@ -707,6 +783,9 @@ impl Filesystem for LayerFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let node = match self.node(ino) {
             Ok(node) => node,
             Err(e) => return reply.error(e),

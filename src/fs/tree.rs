@@ -57,6 +57,11 @@ impl Tree {
         self.nodes.get(index).filter(|n| n.live)
     }
 
+    /// Whether some directory is opaque (and so answers an overlay xattr).
+    pub(crate) fn has_opaque_dir(&self) -> bool {
+        self.nodes.iter().any(|n| n.live && n.opaque)
+    }
+
     pub(crate) fn lookup(&self, parent: &Node, name: &[u8]) -> Option<&Node> {
         let at = parent
             .children
