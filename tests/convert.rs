@@ -4,11 +4,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use common::containerd::{ContainerdOptions, TestContainerd};
 use common::images::{ImageFormat, build_image, publish};
+use common::mount::LayerMount;
 use common::registry::{RegistryOptions, TestRegistry};
 use common::tree::{compare_trees, expected_layer_tree};
 use serde_json::Value;
@@ -317,69 +317,6 @@ fn corrupt_layers_and_unsupported_media_types_fail_without_output() {
     assert!(!dst.exists());
 }
 
-/// A `sluice mount` process; killed and unmounted on drop.
-struct Mount {
-    child: Child,
-    mountpoint: PathBuf,
-}
-
-impl Mount {
-    fn start(reference: &str, layer: usize, cache: &Path, mountpoint: &Path) -> Mount {
-        std::fs::create_dir_all(mountpoint).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["mount", reference])
-            .arg(mountpoint)
-            .args([
-                "--layer",
-                &layer.to_string(),
-                "--no-background",
-                "--cache-dir",
-            ])
-            .arg(cache)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut mount = Mount {
-            child,
-            mountpoint: mountpoint.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !is_mountpoint(mountpoint) {
-            assert!(
-                mount.child.try_wait().unwrap().is_none(),
-                "sluice mount of {reference} layer {layer} exited"
-            );
-            assert!(Instant::now() < deadline, "no mount after 60 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        mount
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-        if is_mountpoint(&self.mountpoint) {
-            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(path) = path.canonicalize() else {
-        return false;
-    };
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(path.to_str().unwrap_or_default()))
-}
-
 #[test]
 fn registry_images_convert_mount_and_run() {
     let registry = TestRegistry::start(RegistryOptions::default());
@@ -401,7 +338,13 @@ fn registry_images_convert_mount_and_run() {
                 let expected = scratch.path().join(format!("expected-{i}"));
                 expected_layer_tree(&original.local_layer(i), &expected);
                 let mountpoint = scratch.path().join(format!("mnt-{i}"));
-                let mount = Mount::start(&target, i, &scratch.path().join("cache"), &mountpoint);
+                let mount = LayerMount::start(
+                    &target,
+                    i,
+                    &scratch.path().join("cache"),
+                    &mountpoint,
+                    false,
+                );
                 let diff = compare_trees(&expected, &mountpoint);
                 drop(mount);
                 assert!(

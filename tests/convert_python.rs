@@ -17,10 +17,11 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
 
 use common::containerd::{ContainerdOptions, TestContainerd};
+use common::mount::LayerMount;
 use common::proxy::TestProxy;
 use common::pyimage::{APP_SCRIPT, PythonImage, READY, build_python_image};
 use common::registry::{RegistryOptions, TestRegistry};
@@ -257,66 +258,6 @@ fn zero_implicit_directory_mtimes(blob: &Path, tree: &Path) {
         )
         .unwrap_or_else(|e| panic!("setting times of {dir}: {e}"));
     }
-}
-
-/// A `sluice mount` process; killed and unmounted on drop.
-struct Mount {
-    child: Child,
-    mountpoint: PathBuf,
-}
-
-impl Mount {
-    fn start(reference: &str, layer: usize, cache: &Path, mountpoint: &Path) -> Mount {
-        std::fs::create_dir_all(mountpoint).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["mount", reference])
-            .arg(mountpoint)
-            // Background streaming on: the layer arrives in large requests while the
-            // tree walk reads it, so the walk is not one round trip per file.
-            .args(["--layer", &layer.to_string(), "--cache-dir"])
-            .arg(cache)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sluice mount");
-        let mut mount = Mount {
-            child,
-            mountpoint: mountpoint.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !is_mountpoint(mountpoint) {
-            assert!(
-                mount.child.try_wait().unwrap().is_none(),
-                "sluice mount of {reference} layer {layer} exited"
-            );
-            assert!(Instant::now() < deadline, "no mount after 60 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        mount
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-        if is_mountpoint(&self.mountpoint) {
-            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(path) = path.canonicalize() else {
-        return false;
-    };
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(path.to_str().unwrap_or_default()))
 }
 
 /// A fresh sluice-snapshotter (empty chunk cache) and a containerd using it. Field order
@@ -666,7 +607,7 @@ fn python_image_converts_runs_lazily_and_prefetches_what_it_starts() {
                 threads.spawn(move || {
                     let mountpoint = scratch.join(format!("mnt-{}-{i}", variant.format));
                     let cache = scratch.join(format!("cache-{}", variant.format));
-                    let mount = Mount::start(&reference, i, &cache, &mountpoint);
+                    let mount = LayerMount::start(&reference, i, &cache, &mountpoint, true);
                     let diff = compare_trees(expected, &mountpoint);
                     drop(mount);
                     assert!(

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::containerd::{ContainerdOptions, TestContainerd};
 use common::images::{ImageFormat, PushedImage, publish};
+use common::mount::is_mountpoint;
 use common::proxy::TestProxy;
 use common::registry::{RegistryOptions, TestRegistry};
 use common::tree::{compare_trees, expected_layer_tree};
@@ -105,16 +106,6 @@ impl Drop for SluiceMount {
             let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }
     }
-}
-
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(path) = path.canonicalize() else {
-        return false;
-    };
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo
-        .lines()
-        .any(|line| line.split(' ').nth(4) == Some(path.to_str().unwrap_or_default()))
 }
 
 fn drop_page_cache() {

@@ -9,6 +9,7 @@
 //! | [`containerd`] | `TestContainerd`: private containerd 1.6 (isolated content, optional CRI, optional proxy snapshotter) with `ctr`/`ctr-remote` helpers |
 //! | [`images`]     | build tools/mkimage.py images (`everything`, `busybox`), convert to eStargz / zstd:chunked, push, read manifests back |
 //! | [`pyimage`]    | the `python` image of tools/mkbenchimages (Debian bookworm + python3), built once |
+//! | [`mount`]      | `LayerMount`: one layer through `sluice mount` as a child process; `is_mountpoint` |
 //! | [`toc`]        | independent TOC reader: which blob bytes hold which chunk of which file |
 //! | [`tree`]       | extract a layer with GNU tar, convert whiteouts as a snapshotter presents them, compare trees |
 //!
@@ -28,6 +29,7 @@
 
 pub mod containerd;
 pub mod images;
+pub mod mount;
 pub mod proxy;
 pub mod pyimage;
 pub mod registry;
