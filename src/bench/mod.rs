@@ -950,3 +950,79 @@ fn measure(
         total: ready_at.duration_since(began),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(ok: bool, total_s: f64) -> RunRecord {
+        RunRecord {
+            ok,
+            failure: (!ok).then(|| "did not print `ready`".to_owned()),
+            pull_s: total_s / 2.0,
+            create_start_s: total_s / 4.0,
+            ready_s: total_s / 4.0,
+            total_s,
+            registry_bytes: 1000,
+            registry_requests: 3,
+            ..RunRecord::default()
+        }
+    }
+
+    fn report(results: Vec<ModeResult>) -> Report {
+        Report {
+            command: "sluice bench".into(),
+            network: NetworkProfile::None,
+            network_description: NetworkProfile::None.describe(),
+            machine: Machine {
+                cpus: 2,
+                kernel: String::new(),
+                loadavg_start: String::new(),
+                loadavg_end: String::new(),
+                memory_total_kib: 0,
+            },
+            results,
+            skipped: Vec::new(),
+            wall_clock_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_mode_with_a_run_that_never_got_ready_reports_no_figures() {
+        let network = NetworkProfile::None;
+        let good = summarize(
+            "tiny",
+            Mode::Overlayfs,
+            network,
+            ImageFacts::default(),
+            vec![run(true, 3.0), run(true, 1.0), run(true, 2.0)],
+        );
+        assert!(good.ok);
+        assert_eq!(good.median_total_s, 2.0);
+        assert_eq!((good.total_s.min, good.total_s.max), (1.0, 3.0));
+
+        // Two fast runs and one that never printed `ready`: no median that flatters.
+        let bad = summarize(
+            "tiny",
+            Mode::SluiceLazy,
+            network,
+            ImageFacts::default(),
+            vec![run(true, 0.5), run(false, 0.0), run(true, 0.6)],
+        );
+        assert!(!bad.ok);
+        assert_eq!(bad.ok_runs, 2);
+        assert!(bad.median_total_s.is_nan());
+
+        let report = report(vec![good, bad]);
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["results"][0]["median_total_s"], 2.0);
+        assert!(json["results"][1]["median_total_s"].is_null(), "{json}");
+        assert_eq!(json["results"][1]["ok"], false);
+        let table = report::table(&report);
+        assert!(
+            table.contains("sluice-lazy") && table.contains("FAILED (2 of 3 runs reached ready)"),
+            "{table}"
+        );
+        assert!(!report::svg(&report).contains("NaN"));
+    }
+}
