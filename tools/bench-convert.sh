@@ -17,30 +17,7 @@ name=${1:-everything}
 root=$(pwd)
 sluice="$root/target/release/sluice"
 [ -x "$sluice" ] || { echo "build first: cargo build --release --bin sluice" >&2; exit 1; }
-work=$(mktemp -d)
-sock="$work/containerd.sock"
-cat >"$work/config.toml" <<CFG
-version = 2
-root = "$work/root"
-state = "$work/state"
-[grpc]
-  address = "$sock"
-[ttrpc]
-  address = "$sock.ttrpc"
-[debug]
-  address = "$sock.debug"
-[metrics]
-  address = ""
-CFG
-containerd --config "$work/config.toml" >"$work/containerd.log" 2>&1 &
-pid=$!
-cleanup() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT INT TERM
-i=0
-until ctr -a "$sock" version >/dev/null 2>&1; do
-    i=$((i + 1)); [ "$i" -lt 100 ] || { cat "$work/containerd.log"; exit 1; }
-    sleep 0.1
-done
+. "$root/tools/private-containerd.sh"
 
 case "$name" in
 tiny | python | large)
